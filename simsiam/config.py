@@ -13,9 +13,10 @@ import copy
 import dataclasses
 import os
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import yaml
 
@@ -105,6 +106,8 @@ class TrainConfig:
     min_workers: int = _f(0, "elastic lower bound; 0 = fixed size", ge=0)
     use_gpu: bool = _f(False, "one GPU per worker; NCCL, bf16 autocast, channels_last")
     cpus_per_worker: float = _f(1.0, "CPUs reserved per train worker", gt=0.0)
+    placement_strategy: str = _f("PACK", "worker placement: PACK (fewest nodes) or SPREAD (one per node)",
+                                 choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
     seed: int = _f(0, "seed for weights, shuffling and augmentation")
     amp: bool = _f(True, "bf16 autocast on GPU")
     channels_last: bool = _f(True, "channels_last memory format on GPU")
@@ -116,6 +119,7 @@ class TrainConfig:
     knn_k: int = _f(200, "kNN neighbours", ge=1)
     knn_t: float = _f(0.1, "kNN temperature", gt=0.0)
     log_every: int = _f(10, "steps between logged scalars", ge=1)
+    init_checkpoint: str = _f("", "warm start: a pretraining checkpoint dir whose weights initialise the model")
     max_steps_per_epoch: int = _f(0, "cap steps per epoch (0 = full epoch); for smoke tests", ge=0)
     collapse_guard: CollapseGuardConfig = field(default_factory=CollapseGuardConfig)
 
@@ -158,7 +162,7 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def replace(self, overrides: Mapping[str, Any]) -> "Config":
+    def replace(self, overrides: Mapping[str, Any]) -> Config:
         """A validated copy with dotted-name overrides applied (values already typed or YAML strings)."""
         d = self.to_dict()
         for key, value in overrides.items():

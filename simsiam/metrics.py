@@ -1,0 +1,228 @@
+"""Representation metrics: collapse indicators cheap enough for every step, kNN and top-k accuracy.
+
+Two collapse indicators, because each has a blind spot the other covers:
+
+* :func:`collapse_std` - the paper's per-channel std of ``z / |z|`` over the batch, ~1/sqrt(d) when
+  the outputs spread over the sphere, 0 when they all become one vector.
+* :func:`effective_rank` - RankMe (Garrido et al. 2023). The projector ends in a BN without affine,
+  which forces every channel to unit variance in training mode, so the std can stay near 1/sqrt(d)
+  while the embeddings fall onto a few directions (dimensional collapse); the rank sees that.
+
+Everything here is pure torch, runs on whatever device its inputs live on, and never builds autograd
+graphs, so a training loop can call it on live tensors.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from simsiam.config import CollapseGuardConfig
+
+
+def healthy_std(dim: int) -> float:
+    """The std of ``z / |z|`` per channel when z is spread uniformly over the sphere in ``dim`` dims."""
+    if dim < 1:
+        raise ValueError(f"healthy_std: dim must be >= 1, got {dim}")
+    return 1.0 / math.sqrt(dim)
+
+
+def _check_batch(z: torch.Tensor, what: str) -> torch.Tensor:
+    if z.ndim != 2:
+        raise ValueError(f"{what}: expected a (batch, dim) tensor, got shape {tuple(z.shape)}")
+    if z.shape[0] < 2:
+        raise ValueError(f"{what}: needs at least 2 samples in the batch, got {z.shape[0]}")
+    # float32 whatever the autocast dtype: bf16 loses the small differences collapse is made of.
+    return z.detach().float()
+
+
+@torch.no_grad()
+def collapse_std(z: torch.Tensor) -> float:
+    """Mean over channels of the per-channel std (over the batch) of the l2-normalised rows of ``z``.
+
+    Healthy: close to :func:`healthy_std` (``1/sqrt(d)``); complete collapse: 0."""
+    return collapse_std_tensor(z).item()
+
+
+@torch.no_grad()
+def collapse_std_tensor(z: torch.Tensor) -> torch.Tensor:
+    """:func:`collapse_std` as a 0-d tensor on z's device (no host sync)."""
+    z = _check_batch(z, "collapse_std")
+    return F.normalize(z, dim=1).std(dim=0).mean()
+
+
+@torch.no_grad()
+def centred_gram(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smaller Gram matrix of the centred batch (float64) and the noise floor for its singular values.
+
+    Its eigenvalues are the squared singular values of the centred batch: an order of magnitude cheaper
+    than an SVD on GPU (2.9 vs 8.2 ms for 256 x 2048 on an H200), and float64 keeps the small ones.
+    Computing it queues GPU work without a host sync, so a trainer can defer :func:`rank_from_gram`."""
+    z = _check_batch(z, "effective_rank")
+    centred = (z - z.mean(dim=0, keepdim=True)).double()
+    gram = centred @ centred.T if centred.shape[0] <= centred.shape[1] else centred.T @ centred
+    # Singular values at the float32 rounding level of the uncentred batch are noise, not directions:
+    # without this cut a batch of identical rows would score as nearly full rank.
+    tol = max(z.shape) * torch.finfo(torch.float32).eps * torch.linalg.vector_norm(z).double()
+    return gram, tol
+
+
+@torch.no_grad()
+def rank_from_gram(gram: torch.Tensor, tol: torch.Tensor) -> float:
+    """RankMe from :func:`centred_gram`'s output; NaN when the batch held non-finite values."""
+    if not bool(torch.isfinite(gram).all()):
+        return float("nan")
+    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
+    s = s[s > tol]
+    if s.numel() == 0:
+        return 0.0
+    p = s / s.sum()
+    return torch.exp(-(p * torch.log(p)).sum()).item()
+
+
+@torch.no_grad()
+def effective_rank(z: torch.Tensor) -> float:
+    """RankMe effective rank of a batch of embeddings: ``exp(-sum p log p)`` with ``p = s / sum(s)``
+    over the singular values ``s`` of the centred batch. Between 1 and ``min(batch, dim)``; 0 for a
+    batch whose rows are all the same vector."""
+    return rank_from_gram(*centred_gram(z))
+
+
+class CollapseGuard:
+    """Decides when a run has collapsed, so the trainer can stop wasting compute on it.
+
+    Collapsed means EITHER metric stayed under its threshold for ``cfg.window_steps`` consecutive
+    updates: ``std < std_ratio / sqrt(d)`` or ``rank < rank_ratio * min(batch, d)``. A non-finite
+    value (a diverged run) counts as under the threshold. Once tripped it stays tripped; ``reason``
+    says which metric, its last value and the threshold. ``state_dict``/``load_state_dict`` carry the
+    counters across a resume, so a run cannot dodge the guard by restarting."""
+
+    def __init__(self, cfg: CollapseGuardConfig, dim: int):
+        if dim < 1:
+            raise ValueError(f"CollapseGuard: dim must be >= 1, got {dim}")
+        self.cfg = cfg
+        self.dim = dim
+        self.std_steps = 0
+        self.rank_steps = 0
+        self.collapsed = False
+        self.reason = ""
+
+    def thresholds(self, batch_size: int) -> tuple[float, float]:
+        """(std threshold, rank threshold) for a batch of ``batch_size`` embeddings."""
+        return self.cfg.std_ratio / math.sqrt(self.dim), self.cfg.rank_ratio * min(batch_size, self.dim)
+
+    def update(self, std: float, rank: float, batch_size: int) -> bool:
+        """Record one step's metrics; True once the run counts as collapsed (and from then on)."""
+        if not self.cfg.enabled:
+            return False
+        if self.collapsed:
+            return True
+        std_thr, rank_thr = self.thresholds(batch_size)
+        std_low = not math.isfinite(std) or std < std_thr
+        rank_low = not math.isfinite(rank) or rank < rank_thr
+        self.std_steps = self.std_steps + 1 if std_low else 0
+        self.rank_steps = self.rank_steps + 1 if rank_low else 0
+        window = self.cfg.window_steps
+        if self.std_steps >= window:
+            self.collapsed = True
+            self.reason = (f"representation collapsed: std of l2-normalised projections was below "
+                           f"{std_thr:.4g} ({self.cfg.std_ratio:g} / sqrt({self.dim})) for {self.std_steps} "
+                           f"consecutive steps; last value {std:.4g} (healthy {healthy_std(self.dim):.4g})")
+        elif self.rank_steps >= window:
+            self.collapsed = True
+            self.reason = (f"representation collapsed: effective rank of the projections was below "
+                           f"{rank_thr:.4g} ({self.cfg.rank_ratio:g} x min(batch {batch_size}, d {self.dim})) "
+                           f"for {self.rank_steps} consecutive steps; last value {rank:.4g}")
+        return self.collapsed
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain Python values only, so ``torch.load(weights_only=True)`` restores them."""
+        return {"std_steps": self.std_steps, "rank_steps": self.rank_steps, "collapsed": self.collapsed,
+                "reason": self.reason, "dim": self.dim}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore counters saved by :meth:`state_dict`; an empty dict (a checkpoint from before the
+        guard existed) leaves the guard fresh."""
+        if "dim" in state and int(state["dim"]) != self.dim:
+            raise ValueError(f"CollapseGuard.load_state_dict: saved for d={state['dim']}, this guard has "
+                             f"d={self.dim}")
+        self.std_steps = int(state.get("std_steps", 0))
+        self.rank_steps = int(state.get("rank_steps", 0))
+        self.collapsed = bool(state.get("collapsed", False))
+        self.reason = str(state.get("reason", ""))
+
+
+# --------------------------------------------------------------------------- kNN and top-k
+
+
+@torch.no_grad()
+def knn_predict(features: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num_classes: int,
+                k: int = 200, t: float = 0.1) -> torch.Tensor:
+    """Weighted kNN class scores (InstDisc / MoCo monitor): each of the ``k`` most cosine-similar bank
+    entries votes for its label with weight ``exp(sim / t)``. ``features`` (N, D) and ``bank`` (M, D)
+    must already be l2-normalised. Returns (N, num_classes) scores; ``k`` is clipped to M."""
+    if features.ndim != 2 or bank.ndim != 2 or features.shape[1] != bank.shape[1]:
+        raise ValueError(f"knn_predict: features {tuple(features.shape)} and bank {tuple(bank.shape)} must be "
+                         "(N, D) and (M, D) with the same D")
+    if bank.shape[0] == 0 or bank_labels.shape != (bank.shape[0],):
+        raise ValueError(f"knn_predict: need a non-empty bank with one label per row, got bank "
+                         f"{tuple(bank.shape)} and labels {tuple(bank_labels.shape)}")
+    if t <= 0 or k < 1:
+        raise ValueError(f"knn_predict: need k >= 1 and t > 0, got k={k}, t={t}")
+    k = min(k, bank.shape[0])
+    sim = features.float() @ bank.float().T
+    top_sim, top_idx = sim.topk(k, dim=1)
+    votes = bank_labels[top_idx]
+    scores = torch.zeros(features.shape[0], num_classes, device=features.device, dtype=torch.float32)
+    return scores.scatter_add_(1, votes, (top_sim / t).exp())
+
+
+@torch.no_grad()
+def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, k: int = 200, t: float = 0.1, num_classes: int | None = None,
+                 chunk_size: int = 512) -> float:
+    """Top-1 weighted-kNN accuracy in [0, 1] of the test features against the train features as the bank.
+
+    Features are l2-normalised here (a no-op if they already are). The test set is processed in
+    chunks of ``chunk_size`` rows so the similarity matrix stays ``chunk_size x M``."""
+    train_labels, test_labels = train_labels.long(), test_labels.long()
+    if test_feats.shape[0] == 0:
+        raise ValueError("knn_accuracy: the test set is empty")
+    if len(test_labels) != test_feats.shape[0]:
+        raise ValueError(f"knn_accuracy: {test_feats.shape[0]} test features but {len(test_labels)} labels")
+    if min(int(train_labels.min()), int(test_labels.min())) < 0:
+        raise ValueError("knn_accuracy: labels must be >= 0 (unlabelled rows, -1, cannot be scored)")
+    if num_classes is None:
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    bank = F.normalize(train_feats.float(), dim=1)
+    bank_labels = train_labels.to(bank.device)
+    correct = 0
+    for start in range(0, test_feats.shape[0], chunk_size):
+        chunk = F.normalize(test_feats[start:start + chunk_size].float().to(bank.device), dim=1)
+        pred = knn_predict(chunk, bank, bank_labels, num_classes, k, t).argmax(dim=1)
+        correct += int((pred == test_labels[start:start + chunk_size].to(bank.device)).sum())
+    return correct / test_feats.shape[0]
+
+
+@torch.no_grad()
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)) -> dict[int, int]:
+    """Count of rows whose label is among the top-k logits, per k (k clipped to the number of classes).
+    Counts, not ratios, so distributed evaluation can all-reduce them."""
+    ks = tuple(ks)
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices
+    hit = top == labels.view(-1, 1).to(top.device)
+    return {k: int(hit[:, :min(k, kmax)].any(dim=1).sum()) for k in ks}
+
+
+@torch.no_grad()
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, ks: Iterable[int] = (1, 5)) -> dict[str, float]:
+    """Top-k accuracy in percent, keyed ``"top1"``, ``"top5"``, ... (k clipped to the number of classes)."""
+    if logits.ndim != 2 or logits.shape[0] != labels.shape[0] or logits.shape[0] == 0:
+        raise ValueError(f"topk_accuracy: logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must be "
+                         "(N, C) and (N,) with N > 0")
+    n = logits.shape[0]
+    return {f"top{k}": 100.0 * c / n for k, c in topk_correct(logits, labels, ks).items()}
