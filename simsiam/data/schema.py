@@ -1,0 +1,220 @@
+"""The shard format: Parquet files of images plus one JSON file of metadata.
+
+A dataset is a directory (local, or a URI pyarrow understands: s3://, gs://, ...) holding
+
+- ``part-00000.parquet``, ``part-00001.parquet``, ... with the columns
+
+  ========  ========  =========================================================================
+  column    type      meaning
+  ========  ========  =========================================================================
+  image     binary    the encoded file's bytes (JPEG/PNG, kept as found), or raw uint8 pixels
+  label     int64     class index into ``class_names``; -1 when unknown
+  id        string    unique row id (the source file's relative path, or ``<source>/<index>``)
+  height    int32     raw images only: rows; null for encoded images
+  width     int32     raw images only: columns; null for encoded images
+  channels  int32     raw images only: 1 (gray) or 3 (RGB), HWC order; null for encoded images
+  ========  ========  =========================================================================
+
+  A row whose ``height`` is set is raw (``len(image) == height * width * channels``); otherwise the
+  bytes are decoded with PIL. Raw storage is for small images (<= 64 px), where decoding would cost
+  more than it saves. Row groups hold a few MiB, so a reader streams a shard without loading it.
+
+- ``_simsiam.json``: ``schema_version``, ``class_names``, ``num_rows``, ``counts`` (rows per label,
+  "-1" for unlabeled), ``shards`` (file, rows, bytes), ``image_storage`` (raw/encoded) and the
+  source it was converted from. It is written last, so its presence marks a complete conversion.
+
+Images are always delivered as 3 channels: gray sources are replicated to RGB at decode.
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+SCHEMA_VERSION = 1
+METADATA_FILE = "_simsiam.json"
+# Present only while a conversion is in progress (or was interrupted): it records the plan to resume.
+PLAN_FILE = "_simsiam.convert.json"
+SHARD_PREFIX = "part-"
+SHARD_SUFFIX = ".parquet"
+
+SCHEMA = pa.schema([
+    pa.field("image", pa.binary(), nullable=False),
+    pa.field("label", pa.int64(), nullable=False),
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("channels", pa.int32()),
+], metadata={b"simsiam.schema_version": str(SCHEMA_VERSION).encode()})
+
+REQUIRED = ("image", "label", "id")
+RAW_COLUMNS = ("height", "width", "channels")
+
+
+class DataError(ValueError):
+    """Bad or missing data: the message names the path, shard, row or field at fault."""
+
+
+def shard_name(index: int) -> str:
+    return f"{SHARD_PREFIX}{index:05d}{SHARD_SUFFIX}"
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) for a local path or a URI (s3://, gs://, file://, ...)."""
+    if is_uri(path):
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: cannot open this URI: {e}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """Make a local path absolute (Ray tasks do not share the caller's working directory)."""
+    return path if is_uri(path) else os.path.abspath(path)
+
+
+def join(base: str, name: str) -> str:
+    """Join a file name onto a local path or URI."""
+    return base.rstrip("/") + "/" + name
+
+
+def _check_type(col: str, t: pa.DataType) -> str | None:
+    ok = {
+        "image": pa.types.is_binary(t) or pa.types.is_large_binary(t),
+        "label": pa.types.is_integer(t),
+        "id": pa.types.is_string(t) or pa.types.is_large_string(t),
+    }.get(col, pa.types.is_integer(t))
+    if ok:
+        return None
+    want = {"image": "binary", "label": "int64", "id": "string"}.get(col, "int32")
+    return f"column {col!r} is {t}, expected {want}"
+
+
+def check_schema(schema: pa.Schema, where: str) -> None:
+    """Raise :class:`DataError` naming ``where`` unless ``schema`` has the shard columns and types."""
+    names = set(schema.names)
+    missing = [c for c in REQUIRED if c not in names]
+    if missing:
+        raise DataError(f"{where}: wrong schema: missing column(s) {', '.join(missing)} "
+                        f"(has {', '.join(schema.names) or 'none'}); expected {', '.join(SCHEMA.names)}")
+    for col in (*REQUIRED, *RAW_COLUMNS):
+        if col in names:
+            problem = _check_type(col, schema.field(col).type)
+            if problem:
+                raise DataError(f"{where}: wrong schema: {problem}")
+
+
+def _is_shard(name: str) -> bool:
+    base = posixpath.basename(name)
+    return base.endswith(SHARD_SUFFIX) and not base.startswith((".", "_"))
+
+
+def list_shards(path: str, what: str = "data.path") -> list[str]:
+    """Sorted shard paths under a dataset directory (or the single file given); clear errors otherwise.
+
+    ``what`` names the setting the path came from, for the error message.
+    """
+    if not path or not str(path).strip():
+        raise DataError(f"{what} is empty: give a directory (or URI) of Parquet shards, or builtin:digits")
+    path = absolute(path)
+    fs, inner = filesystem(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(f"{what}: {path} does not exist")
+    if info.type == pafs.FileType.File:
+        return [path]
+    files = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+    prefix = path.rstrip("/")
+    shards = sorted(prefix + "/" + posixpath.basename(f.path) for f in files
+                    if f.type == pafs.FileType.File and _is_shard(f.path))
+    if not shards:
+        names = {posixpath.basename(f.path) for f in files}
+        if PLAN_FILE in names:
+            raise DataError(f"{what}: {path} holds an unfinished conversion; rerun 'simsiam data convert' "
+                            "with the same arguments to resume it")
+        raise DataError(f"{what}: {path} contains no .parquet shards")
+    names = {posixpath.basename(f.path) for f in files}
+    if PLAN_FILE in names and METADATA_FILE not in names:
+        raise DataError(f"{what}: {path} holds an unfinished conversion (no {METADATA_FILE}); rerun "
+                        "'simsiam data convert' with the same arguments to resume it")
+    return shards
+
+
+def read_shard_schemas(shards: list[str], threads: int = 16) -> list[tuple[pa.Schema, int, int]]:
+    """(schema, rows, uncompressed bytes) of each shard from its footer alone, read in parallel
+    (footers on remote stores are slow to fetch one by one)."""
+
+    def one(shard: str) -> tuple[pa.Schema, int, int]:
+        fs, inner = filesystem(shard)
+        try:
+            with fs.open_input_file(inner) as f:
+                md = pq.ParquetFile(f).metadata
+                size = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
+                return md.schema.to_arrow_schema(), md.num_rows, size
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{shard}: not a readable Parquet file: {e}") from None
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+        return list(pool.map(one, shards))
+
+
+@dataclass
+class ShardSet:
+    """A validated dataset: its shard paths, the shard columns they all share, rows and bytes."""
+
+    shards: list[str]
+    columns: list[str]
+    num_rows: int
+    num_bytes: int
+
+
+def validate_shards(path: str, what: str = "data.path") -> ShardSet:
+    """List the shards of ``path`` and check every schema (and that they agree); error on 0 rows."""
+    shards = list_shards(path, what)
+    total = size = 0
+    cols: list[str] | None = None
+    for shard, (schema, rows, nbytes) in zip(shards, read_shard_schemas(shards), strict=True):
+        check_schema(schema, shard)
+        have = [c for c in (*REQUIRED, *RAW_COLUMNS) if c in schema.names]
+        if cols is None:
+            cols = have
+        elif have != cols:
+            raise DataError(f"{shard}: wrong schema: columns {', '.join(have)} differ from {shards[0]}'s "
+                            f"({', '.join(cols)}); all shards of a dataset must agree")
+        total += rows
+        size += nbytes
+    if total == 0:
+        raise DataError(f"{what}: {path} has 0 rows")
+    return ShardSet(shards, cols or [], total, size)
+
+
+def read_metadata(path: str) -> dict[str, Any]:
+    """The dataset's ``_simsiam.json`` as a dict; :class:`DataError` if missing or malformed."""
+    fs, inner = filesystem(path)
+    meta_path = inner.rstrip("/") + "/" + METADATA_FILE
+    try:
+        with fs.open_input_stream(meta_path) as f:
+            meta = json.loads(f.read().decode())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no {METADATA_FILE} (not a converted dataset, or the conversion did not "
+                        "finish)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{join(path, METADATA_FILE)}: unreadable: {e}") from None
+    if not isinstance(meta, dict) or "schema_version" not in meta:
+        raise DataError(f"{join(path, METADATA_FILE)}: not simsiam shard metadata (no schema_version)")
+    if meta["schema_version"] > SCHEMA_VERSION:
+        raise DataError(f"{join(path, METADATA_FILE)}: schema_version {meta['schema_version']} is newer than "
+                        f"this code understands ({SCHEMA_VERSION}); upgrade simsiam")
+    return meta

@@ -1,0 +1,22 @@
+"""Joining or starting the Ray cluster a pipeline runs on."""
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def init_ray(address: str | None = None, **kwargs) -> str:
+    """Connect to ``address`` (or $RAY_ADDRESS, as under ``ray job submit``), else start a local cluster.
+
+    A local cluster keeps its dashboard on 127.0.0.1: Tune's resource cleaner needs the state API, and
+    nothing here should listen on a public interface. Returns a short description for the logs."""
+    if ray.is_initialized():
+        return "an already-initialised Ray session"
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+        return f"the Ray cluster at {address}"
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    res = ray.cluster_resources()
+    return f"a local Ray cluster ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"

@@ -1,0 +1,64 @@
+"""Pretraining across several Ray nodes on one machine (ray.cluster_utils.Cluster): DDP over two
+nodes, and an elastic run that loses a node and carries on with the workers left."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from simsiam.data import resolve_paths
+from simsiam.train import pretrain
+from tests.conftest import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def two_nodes():
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
+    worker = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    yield cluster, worker
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_ddp_spans_two_nodes(two_nodes, digits_cache, tmp_path):
+    cfg = tiny_config(digits_cache, **{"train.num_workers": 2, "train.placement_strategy": "SPREAD",
+                                       "run.name": "twonodes"})
+    res = pretrain(cfg, *resolve_paths(cfg.data), str(tmp_path))
+    assert res.status == "finished", res.reason
+    assert len({r["node_id"] for r in res.replicas}) == 2
+    assert res.replicas[0]["param_hash"] == res.replicas[1]["param_hash"]
+
+
+def test_elastic_run_continues_after_losing_a_node(two_nodes, digits_cache, tmp_path):
+    cluster, worker = two_nodes
+    cfg = tiny_config(digits_cache, **{"train.num_workers": 2, "train.min_workers": 1,
+                                       "train.placement_strategy": "STRICT_SPREAD", "train.epochs": 4,
+                                       "train.max_steps_per_epoch": 5, "train.max_failures": 3,
+                                       "run.name": "elastic"})
+
+    def drop_node():
+        run_dir = Path(tmp_path, "elastic")
+        deadline = time.time() + 120
+        while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+            time.sleep(0.2)
+        cluster.remove_node(worker, allow_graceful=False)
+
+    th = threading.Thread(target=drop_node, daemon=True)
+    th.start()
+    res = pretrain(cfg, *resolve_paths(cfg.data), str(tmp_path))
+    th.join(timeout=5)
+    assert res.status == "finished", res.reason
+    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
+    sizes = [h["world_size"] for h in res.history]
+    assert sizes[0] == 2 and sizes[-1] == 1, sizes
+    # The lr follows the global batch of the live workers (per-worker batch fixed at 32).
+    assert res.history[-1]["global_batch"] == 32
