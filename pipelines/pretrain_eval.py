@@ -82,6 +82,12 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
             results.update(status="failed", reason=f"linear evaluation failed: {type(e).__name__}: {e}")
     results["wall_s"] = round(time.time() - t0, 2)
     atomic_write_json(out_dir / "results.json", results)
+    if "://" in storage:
+        # On a cluster the out-dir is the head's local disk (gone with a KubeRay pod): keep a copy by the run.
+        import pyarrow.fs as pafs
+        fs, root = pafs.FileSystem.from_uri(f"{storage.rstrip('/')}/{cfg.run.name}")
+        with fs.open_output_stream(f"{root}/results.json") as f:
+            f.write((out_dir / "results.json").read_bytes())
     return results
 
 

@@ -22,6 +22,15 @@ def digits_cache(tmp_path_factory) -> str:
     return cache
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for dashboards of extra clusters started by a test)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def tiny_config(cache_dir: str, **overrides) -> C.Config:
     """The sample preset shrunk so a Ray Train run takes seconds: small widths, few steps."""
     base = {
