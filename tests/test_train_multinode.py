@@ -12,16 +12,22 @@ from ray.cluster_utils import Cluster
 
 from simsiam.data import resolve_paths
 from simsiam.train import pretrain
-from tests.conftest import tiny_config
+from tests.conftest import free_port, tiny_config
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(monkeypatch):
+    # Right after a node dies Ray still counts its CPUs for a moment, so Train's first restart may ask for
+    # two workers again; a short start timeout makes that attempt give up quickly and retry with one.
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
+    # One CPU per node and 0.75 CPU per train worker: each node holds exactly one worker (plus 0.25 CPU
+    # for Ray Data), so losing a node must shrink the run. Fast health checks notice a dead node in ~3 s.
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "include_dashboard": True, "dashboard_host": "127.0.0.1"})
-    worker = cluster.add_node(num_cpus=2)
+        "num_cpus": 1, "include_dashboard": True, "dashboard_host": "127.0.0.1", "dashboard_port": free_port(),
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}})
+    worker = cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
     yield cluster, worker
@@ -31,6 +37,7 @@ def two_nodes():
 
 def test_ddp_spans_two_nodes(two_nodes, digits_cache, tmp_path):
     cfg = tiny_config(digits_cache, **{"train.num_workers": 2, "train.placement_strategy": "SPREAD",
+                                       "train.cpus_per_worker": 0.75, "data.data_cpus": 0.25,
                                        "run.name": "twonodes"})
     res = pretrain(cfg, *resolve_paths(cfg.data), str(tmp_path))
     assert res.status == "finished", res.reason
@@ -41,14 +48,16 @@ def test_ddp_spans_two_nodes(two_nodes, digits_cache, tmp_path):
 def test_elastic_run_continues_after_losing_a_node(two_nodes, digits_cache, tmp_path):
     cluster, worker = two_nodes
     cfg = tiny_config(digits_cache, **{"train.num_workers": 2, "train.min_workers": 1,
-                                       "train.placement_strategy": "STRICT_SPREAD", "train.epochs": 4,
+                                       "train.placement_strategy": "SPREAD", "train.epochs": 4,
+                                       "train.cpus_per_worker": 0.75, "data.data_cpus": 0.25,
                                        "train.max_steps_per_epoch": 5, "train.max_failures": 3,
                                        "run.name": "elastic"})
 
     def drop_node():
         run_dir = Path(tmp_path, "elastic")
         deadline = time.time() + 120
-        while time.time() < deadline and not list(run_dir.glob("checkpoint_*")):
+        # The second checkpoint's folder appearing means the first one is committed: resume starts after it.
+        while time.time() < deadline and len(list(run_dir.glob("checkpoint_*"))) < 2:
             time.sleep(0.2)
         cluster.remove_node(worker, allow_graceful=False)
 
