@@ -17,6 +17,7 @@ def init_ray(address: str | None = None, **kwargs) -> str:
     if address:
         ray.init(address=address, **kwargs)
         return f"the Ray cluster at {address}"
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    # address="local": always a new cluster, never one left running on this machine by someone else.
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     res = ray.cluster_resources()
     return f"a local Ray cluster ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"

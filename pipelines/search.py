@@ -1,0 +1,187 @@
+"""Hyperparameter search over pretrain-then-linear-eval: Ray Tune with Optuna (seeded TPE) and ASHA.
+
+    simsiam search [CONFIG] --space tune_spaces/default.yaml --trials N [--out-dir DIR] [--set k=v ...]
+    python -m pipelines.search [same arguments]
+
+Each trial is a Tune function that pretrains (a TorchTrainer), then linear-evaluates the frozen
+backbone (a second TorchTrainer), and reports the linear top-1 as the objective. ASHA compares trials
+on the kNN monitor at each epoch (the search sets train.knn_every=1) and stops the weak ones; the
+collapse guard stops collapsed runs inside the workers. Collapsed, diverged and crashed trials are
+recorded with their reason and the search goes on. As many trials run at once as the cluster fits
+(each needs its train workers' CPUs/GPUs plus a little for the trial and Ray Data); --max-concurrent
+lowers that.
+
+Rerunning the same command resumes an interrupted search: finished trials are kept, unfinished ones
+continue from their last pretraining checkpoint. Trials stopped by ASHA have no objective (they are
+not linear-evaluated: ASHA judged them not worth it).
+
+Writes, under DIR (default runs/search-<run.name>):
+  trials.csv           one row per trial: status, objective, parameters, reason, TensorBoard dir
+  best.yaml            the config of the best trial; `simsiam run DIR/best.yaml` runs it as is
+  plots/*.png          objective history and parameter importances (optuna.visualization.matplotlib)
+  summary.json         best trial, counts by status, whether every placement group was released
+  tune/                the Tune experiment; tune/optuna_journal.log is the Optuna study
+                       (optuna.load_study(study_name="simsiam-search", storage=JournalStorage(...)));
+                       tune/runs/<trial id>/ holds each trial's checkpoints and TensorBoard logs
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from simsiam import config as C
+from simsiam import search as S
+from simsiam.io import atomic_write_json
+
+
+def build_parser(prog: str = "python -m pipelines.search") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default="sample",
+                   help="preset name (sample, cifar10, imagenet) or a YAML file (default: sample)")
+    p.add_argument("--space", default=str(Path(__file__).resolve().parent.parent / "tune_spaces" / "default.yaml"),
+                   help="search-space YAML (default: tune_spaces/default.yaml)")
+    p.add_argument("--trials", type=int, default=8, help="number of trials (default: 8)")
+    p.add_argument("--out-dir", default=None, help="experiment directory (default: runs/search-<run.name>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field of the base config by dotted name (repeatable)")
+    p.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler (default: 0)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="at most this many trials at once (default: as many as the cluster fits)")
+    p.add_argument("--grace-epochs", type=int, default=1,
+                   help="ASHA: epochs every trial runs before it can be stopped (default: 1)")
+    p.add_argument("--reduction-factor", type=float, default=2.0,
+                   help="ASHA: keep the top 1/factor of trials at each rung (default: 2)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: $RAY_ADDRESS, else start a local cluster)")
+    return p
+
+
+def search_config(base: C.Config) -> C.Config:
+    """The config trials start from: the kNN monitor every epoch, since ASHA decides on it each epoch."""
+    return base.replace({"train.knn_every": 1})
+
+
+def make_scheduler(epochs: int, grace: int, reduction_factor: float):
+    """ASHA on the per-epoch kNN top-1 with our own ``epoch`` as the time attribute; FIFO when the
+    runs are too short for any rung. No rung sits at the last epoch (max_t = epochs - 1 and trials are
+    not stopped at max_t): a trial that trained every epoch is always linear-evaluated."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if epochs <= grace:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=S.TIME_ATTR, metric=S.ASHA_METRIC, mode="max", max_t=epochs - 1,
+                         grace_period=grace, reduction_factor=reduction_factor, stop_last_trials=False)
+
+
+def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str | os.PathLike, seed: int = 0,
+               max_concurrent: int | None = None, grace: int = 1, reduction_factor: float = 2.0,
+               address: str | None = None) -> dict:
+    """Run (or resume) the search and write its outputs; returns the summary (also DIR/summary.json)."""
+    import ray
+    import ray.tune
+
+    from simsiam.data import resolve_paths
+    from simsiam.ray_utils import init_ray
+
+    if trials < 1:
+        raise C.ConfigError(f"--trials: must be >= 1, got {trials}")
+    if grace < 1 or reduction_factor <= 1:
+        raise C.ConfigError(f"--grace-epochs must be >= 1 and --reduction-factor > 1, got {grace}, {reduction_factor}")
+    t0 = time.time()
+    out = Path(out_dir).resolve()
+    cfg = search_config(base)
+    S.check_space_against(space, cfg)
+    spec = {"config": base.to_dict(), "space": space.to_dict(), "trials": trials, "seed": seed,
+            "grace_epochs": grace, "reduction_factor": reduction_factor}
+    S.claim_out_dir(out, "search.json", spec)
+    exp = out / S.EXPERIMENT
+    where = init_ray(address)
+    train_path, eval_path = resolve_paths(cfg.data)
+    total = ray.cluster_resources()
+    concurrency = S.derive_concurrency(cfg, total, max_concurrent)
+    print(f"[simsiam] search: {trials} trials over {', '.join(space.names)} on {where}; {concurrency} at a time; "
+          f"out {out}", flush=True)
+
+    if not ray.tune.Tuner.can_restore(str(exp)):
+        # A driver killed before Tune's first experiment snapshot leaves an Optuna study no Tune
+        # experiment knows about; starting afresh, its asked-but-orphaned trials would only mislead TPE.
+        (exp / S.STUDY_FILE).unlink(missing_ok=True)
+    exp.mkdir(parents=True, exist_ok=True)
+
+    def tune_config():
+        return ray.tune.TuneConfig(
+            search_alg=S.make_searcher(space, exp, seed),
+            scheduler=make_scheduler(cfg.train.epochs, grace, reduction_factor),
+            num_samples=trials, max_concurrent_trials=concurrency, trial_dirname_creator=S.trial_dirname)
+
+    trainable = S.make_trainable(cfg, train_path, eval_path, str(exp / "runs"))
+    grid, resumed = S.fit(out, trainable, tune_config, strict_metrics=False)
+    records = S.collect_results(grid, cfg.train.epochs)
+    release = S.wait_for_release(total)
+    return write_outputs(base, space, records, out, exp, resumed, release, time.time() - t0)
+
+
+def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRecord], out: Path, exp: Path,
+                  resumed: bool, release: dict, wall_s: float) -> dict:
+    """trials.csv, the console table, best.yaml, plots and summary.json."""
+    rows = S.table_rows(records, space.names)
+    S.write_csv(rows, out / "trials.csv")
+    print(S.format_table(rows, [*S.TABLE_COLUMNS[:5], *space.names, "reason"]), flush=True)
+    best = S.best_record(records)
+    if best is not None:
+        S.write_best_config(base, best, out / "best.yaml")
+        print(f"[simsiam] best: trial {best.trial_id}, linear top-1 {best.objective:.2f}%, "
+              f"params {best.params}; config {out / 'best.yaml'}", flush=True)
+    else:
+        (out / "best.yaml").unlink(missing_ok=True)
+        print("[simsiam] no trial finished with an objective: no best.yaml", flush=True)
+    plots = {}
+    try:
+        study = S.load_study(exp)
+        S.fail_orphaned_trials(study)
+        plots = S.plot_study(study, out / "plots")
+    except Exception as e:  # noqa: BLE001 - plots are a convenience; the table and best.yaml stand
+        plots = {"study": f"skipped: {type(e).__name__}: {e}"}
+    for name, where in plots.items():
+        print(f"[simsiam] plot {name}: {where}", flush=True)
+    if not release["released"]:
+        print(f"[simsiam] warning: resources not released after the search: {release}", flush=True)
+    summary = {
+        "trials": len(records),
+        "by_status": {s: sum(r.status == s for r in records) for s in S.STATUSES},
+        "best": None if best is None else {"trial_id": best.trial_id, "objective": best.objective,
+                                           "params": best.params},
+        "resumed": resumed,
+        "resources": release,
+        "plots": plots,
+        "wall_s": round(wall_s, 2),
+        "table": str(out / "trials.csv"),
+        "best_config": str(out / "best.yaml") if best is not None else None,
+        "experiment": str(exp),
+    }
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m pipelines.search") -> int:
+    args = build_parser(prog).parse_args(argv)
+    try:
+        base = C.load(args.config, args.overrides)
+        space = S.load_space(args.space, search_config(base))
+        out_dir = args.out_dir or os.path.join("runs", f"search-{base.run.name}")
+        summary = run_search(base, space, args.trials, out_dir, seed=args.seed, max_concurrent=args.max_concurrent,
+                             grace=args.grace_epochs, reduction_factor=args.reduction_factor, address=args.address)
+    except C.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    counts = ", ".join(f"{n} {s}" for s, n in summary["by_status"].items() if n)
+    print(f"[simsiam] search done: {summary['trials']} trials ({counts}), wall {summary['wall_s']:.0f} s; "
+          f"table {summary['table']}", flush=True)
+    return 0 if summary["best"] is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
