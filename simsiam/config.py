@@ -150,6 +150,18 @@ class RunConfig:
 
 
 @dataclass
+class RetrainConfig:
+    margin: float = _f(0.5, "promote only when the new model's linear top-1 >= the promoted one's + margin "
+                            "(percentage points; negative accepts a slightly worse model)")
+    warm_start: bool = _f(True, "start from the promoted model's weights; false = from train.init_checkpoint, "
+                                "else from scratch")
+    train_on: str = _f("all", "shards to pretrain on: every shard under data.path, or only the new ones",
+                       choices=("all", "new"))
+    eval_train_path: str = _f("", "fixed labelled set the linear classifier is fitted on (data.eval_path is "
+                                  "the held-out set); empty = data.path's built-in train split")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -158,6 +170,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -351,14 +351,22 @@ def pretrain(cfg: Config, train_path: str, eval_path: str | None, storage_path: 
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
-        latest = _latest_checkpoint_path(storage_path, cfg.run.name)
+        latest = _with_scheme(_latest_checkpoint_path(storage_path, cfg.run.name), storage_path)
         history = _history_from_checkpoint(latest)
         return PretrainResult("failed", f"training failed: {e}", history, latest,
                               os.path.join(storage_path, cfg.run.name))
     summary = result.return_value or {}
-    ckpt = result.checkpoint.path if result.checkpoint is not None else None
+    ckpt = _with_scheme(result.checkpoint.path, storage_path) if result.checkpoint is not None else None
     return PretrainResult(summary.get("status", "failed"), summary.get("reason", "no summary returned"),
                           summary.get("history", []), ckpt, result.path, summary.get("replicas", []))
+
+
+def _with_scheme(path: str | None, storage_path: str) -> str | None:
+    """Ray gives checkpoint paths on remote storage without their scheme (``bucket/key``); put it back so
+    the path means the same thing to the next TorchTrainer (linear evaluation, warm starts)."""
+    if path and "://" in storage_path and "://" not in path:
+        return f"{storage_path.split('://', 1)[0]}://{path}"
+    return path
 
 
 def _latest_checkpoint_path(storage_path: str, name: str) -> str | None:

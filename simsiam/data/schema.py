@@ -24,6 +24,12 @@ A dataset is a directory (local, or a URI pyarrow understands: s3://, gs://, ...
   source it was converted from. It is written last, so its presence marks a complete conversion.
 
 Images are always delivered as 3 channels: gray sources are replicated to RGB at decode.
+
+Wherever a dataset path is accepted, a *shard list* may stand in for a directory: a file named
+``*.shards.txt`` (one shard path or URI per line; blank lines and lines starting with ``#`` ignored) or
+``*.shards.json`` (``{"shards": [path, ...]}``, other keys ignored). Relative entries are relative to
+the list's own directory. A list carries no ``_simsiam.json``, so its row and label counts come from
+the shards themselves. Scheduled retraining uses lists to train on exactly the shards it picked.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ METADATA_FILE = "_simsiam.json"
 PLAN_FILE = "_simsiam.convert.json"
 SHARD_PREFIX = "part-"
 SHARD_SUFFIX = ".parquet"
+SHARD_LIST_SUFFIXES = (".shards.txt", ".shards.json")
 
 SCHEMA = pa.schema([
     pa.field("image", pa.binary(), nullable=False),
@@ -121,8 +128,64 @@ def _is_shard(name: str) -> bool:
     return base.endswith(SHARD_SUFFIX) and not base.startswith((".", "_"))
 
 
+def is_shard_list(path: str) -> bool:
+    """True when ``path`` names a shard-list file (``*.shards.txt`` / ``*.shards.json``)."""
+    return str(path).rstrip("/").endswith(SHARD_LIST_SUFFIXES)
+
+
+def read_shard_list(path: str, what: str = "data.path") -> list[str]:
+    """The shard paths a shard-list file names, in its order, relative entries resolved against the
+    list's directory. :class:`DataError` naming the list (and line) when it is unreadable, empty,
+    repeats a shard, names another list, or names a local shard that does not exist."""
+    fs, inner = filesystem(path)
+    try:
+        with fs.open_input_stream(inner) as f:
+            text = f.read().decode()
+    except FileNotFoundError:
+        raise DataError(f"{what}: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{what}: {path}: unreadable shard list: {e}") from None
+    entries: list[tuple[str, str]] = []  # (entry, where it came from)
+    if path.endswith(".json"):
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{what}: {path}: not valid JSON: {e}") from None
+        items = doc.get("shards") if isinstance(doc, dict) else None
+        if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+            raise DataError(f'{what}: {path}: expected {{"shards": ["part-00000.parquet", ...]}} (a list of '
+                            "path strings)")
+        entries = [(x.strip(), f"{path}: shards[{i}]") for i, x in enumerate(items)]
+    else:
+        for n, line in enumerate(text.splitlines(), 1):
+            line = line.strip()
+            if line and not line.startswith("#"):
+                entries.append((line, f"{path}:{n}"))
+    base = posixpath.dirname(path.rstrip("/")) if is_uri(path) else os.path.dirname(absolute(path))
+    out: list[str] = []
+    seen: set[str] = set()
+    for entry, where in entries:
+        if not entry:
+            raise DataError(f"{what}: {where}: empty shard path")
+        full = entry if is_uri(entry) or os.path.isabs(entry) else join(base, entry)
+        if not is_uri(full):
+            full = os.path.normpath(full)
+        if is_shard_list(full):
+            raise DataError(f"{what}: {where}: {entry} is itself a shard list; lists do not nest")
+        if full in seen:
+            raise DataError(f"{what}: {where}: {entry} is listed twice")
+        if not is_uri(full) and not os.path.isfile(full):
+            raise DataError(f"{what}: {where}: shard {full} does not exist")
+        seen.add(full)
+        out.append(full)
+    if not out:
+        raise DataError(f"{what}: {path}: the shard list is empty")
+    return out
+
+
 def list_shards(path: str, what: str = "data.path") -> list[str]:
-    """Sorted shard paths under a dataset directory (or the single file given); clear errors otherwise.
+    """Sorted shard paths under a dataset directory (or the single file given, or the shards a
+    shard-list file names, in its order); clear errors otherwise.
 
     ``what`` names the setting the path came from, for the error message.
     """
@@ -134,7 +197,7 @@ def list_shards(path: str, what: str = "data.path") -> list[str]:
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{what}: {path} does not exist")
     if info.type == pafs.FileType.File:
-        return [path]
+        return read_shard_list(path, what) if is_shard_list(path) else [path]
     files = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
     prefix = path.rstrip("/")
     shards = sorted(prefix + "/" + posixpath.basename(f.path) for f in files
@@ -202,6 +265,9 @@ def validate_shards(path: str, what: str = "data.path") -> ShardSet:
 
 def read_metadata(path: str) -> dict[str, Any]:
     """The dataset's ``_simsiam.json`` as a dict; :class:`DataError` if missing or malformed."""
+    if is_shard_list(path):
+        # Same message as a directory without metadata, so callers fall back to reading the shards.
+        raise DataError(f"{path}: no {METADATA_FILE} (a shard list; its counts come from the shards)")
     fs, inner = filesystem(path)
     meta_path = inner.rstrip("/") + "/" + METADATA_FILE
     try:
