@@ -223,7 +223,7 @@ def memory_pass(path: str, data_cfg, cpus: int, batch: int) -> dict:
     from simsiam.augment import PhotometricAugment
     from simsiam.data.pipeline import iter_train_batches, train_dataset
 
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         time.sleep(2.0)  # let Ray's processes settle before the idle reading
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         if sizes:
-            ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             for s in sizes:

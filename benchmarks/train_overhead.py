@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     v1, v2 = make_views(n, size)
     t0 = time.time()
     base = baseline_pairs_per_s(cfg, v1, v2, threads=cpus)
-    ray.init(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1")
     try:
         with tempfile.TemporaryDirectory() as storage:
             ours = ray_pairs_per_s(cfg, v1, v2, cpus, storage)

@@ -54,7 +54,7 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
     print(f"[simsiam] data: train {train_path}, eval {eval_path}; checkpoints in {storage}/{cfg.run.name}",
           flush=True)
 
-    pre = pretrain(cfg, train_path, eval_path, storage)
+    pre = pretrain(cfg, train_path, eval_path, storage, linear_fit_path=train_path)
     last = pre.last
     results: dict = {
         "status": pre.status,
@@ -74,9 +74,12 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
         "config": cfg.to_dict(),
     }
     if pre.status == "finished" and cfg.eval.enabled and pre.checkpoint:
-        print(f"[simsiam] linear evaluation ({cfg.eval.linear.protocol} protocol) of {pre.checkpoint}", flush=True)
         try:
-            ev = linear_eval(cfg, pre.checkpoint, train_path, eval_path, storage)
+            ev = pre.linear_result()
+            if ev is None:  # the full protocol runs as its own Ray Train run
+                print(f"[simsiam] linear evaluation ({cfg.eval.linear.protocol} protocol) of {pre.checkpoint}",
+                      flush=True)
+                ev = linear_eval(cfg, pre.checkpoint, train_path, eval_path, storage)
             results.update(linear_top1=ev["top1"], linear_top5=ev["top5"], linear_eval=ev)
         except Exception as e:  # noqa: BLE001 - a failed evaluation is recorded, the pretraining result kept
             results.update(status="failed", reason=f"linear evaluation failed: {type(e).__name__}: {e}")

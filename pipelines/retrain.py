@@ -300,7 +300,7 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
     C.dump(run_cfg, run_dir / "config.yaml")
     reg.write_record(run_id, record)
 
-    pre = pretrain(run_cfg, overrides["data.path"], heldout, storage)
+    pre = pretrain(run_cfg, overrides["data.path"], heldout, storage, linear_fit_path=fit)
     checkpoint = _uri(pre.checkpoint, storage)
     m = record["metrics"]
     m.update(pretrain_status=pre.status, pretrain_reason=pre.reason, epochs_completed=len(pre.history),
@@ -316,8 +316,9 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
         record.update(decision="not_promoted", reason=f"pretraining {pre.status}: {pre.reason}")
         return Outcome("not_promoted", record["reason"], run_id, new_shards=n_new)
 
-    say(f"linear evaluation ({cfg.eval.linear.protocol} protocol): fitted on {fit}, scored on {heldout}")
-    ev = linear_eval(run_cfg, checkpoint, fit, heldout, storage)
+    say(f"linear evaluation ({cfg.eval.linear.protocol} protocol): fitted on {fit}, scored on {heldout}"
+        + (" (in the pretraining run)" if pre.linear else ""))
+    ev = pre.linear_result() or linear_eval(run_cfg, checkpoint, fit, heldout, storage)
     top1 = float(ev["top1"])
     m.update(linear_top1=top1, linear_top5=ev.get("top5"))
     results.update(linear_top1=top1, linear_top5=ev.get("top5"), linear_eval=ev)

@@ -224,6 +224,7 @@ def linear_eval_loop_per_worker(loop_config: dict) -> dict:
     from simsiam.augment import normalize
     from simsiam.config import from_dict
     from simsiam.data import pipeline as data_pipeline
+    from simsiam.ray_utils import worker_print
 
     cfg = from_dict(loop_config["config"])
     lin = cfg.eval.linear
@@ -262,7 +263,7 @@ def linear_eval_loop_per_worker(loop_config: dict) -> dict:
                 loss.backward()
                 optimizer.step()
             if rank == 0 and ((epoch + 1) % max(1, lin.epochs // 10) == 0 or epoch + 1 == lin.epochs):
-                print(f"[simsiam] linear epoch {epoch + 1}/{lin.epochs} loss {loss.item():.4f}", flush=True)
+                worker_print(f"[simsiam] linear epoch {epoch + 1}/{lin.epochs} loss {loss.item():.4f}")
         if rank == 0:
             model.eval()
             logits, labels = [], []

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import ray
 
@@ -21,3 +22,13 @@ def init_ray(address: str | None = None, **kwargs) -> str:
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     res = ray.cluster_resources()
     return f"a local Ray cluster ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
+
+
+def worker_print(msg: str) -> None:
+    """One progress line from a Ray Train worker, shown once on the driver.
+
+    Train V2 replaces ``print`` in its workers with one that writes to the Train logger and, when
+    ``sys.stdout`` is wrapped (as under Ray), also to stdout: both copies reach the driver. The
+    process's real stdout is what Ray streams to the driver, once."""
+    print(msg, file=sys.__stdout__, flush=True)
+

@@ -396,7 +396,8 @@ def run_trial(tune_config: dict, *, base: dict, train_path: str, eval_path: str 
     except C.ConfigError as e:
         raise TrialFailed(f"invalid config for this trial: {e}") from None
 
-    pre = pretrain(cfg, train_path, eval_path, train_storage, callbacks=[TuneReportCallback()])
+    pre = pretrain(cfg, train_path, eval_path, train_storage, callbacks=[TuneReportCallback()],
+                   linear_fit_path=train_path)
     status, reason = pre.status, pre.reason
     if status == "failed":
         raise TrialFailed(reason or "pretraining failed")
@@ -411,7 +412,7 @@ def run_trial(tune_config: dict, *, base: dict, train_path: str, eval_path: str 
         from simsiam.evaluate import linear_eval
 
         try:
-            ev = linear_eval(cfg, pre.checkpoint, train_path, eval_path, train_storage)
+            ev = pre.linear_result() or linear_eval(cfg, pre.checkpoint, train_path, eval_path, train_storage)
         except Exception as e:  # noqa: BLE001 - recorded as this trial's failure; the search goes on
             raise TrialFailed(f"linear evaluation failed: {type(e).__name__}: {e}") from e
         top1, top5 = ev.get("top1"), ev.get("top5")

@@ -9,6 +9,14 @@ from simsiam import config as C
 
 # Ray Data's progress bars are noise in test logs.
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Tests use only the clusters they start (ray.init(address="local"), Cluster, their own head); a
+# RAY_ADDRESS from the host would send a pipeline under test to someone else's cluster.
+os.environ.pop("RAY_ADDRESS", None)
+# Ray Train's controller polls its workers every 2 s and starts a preemption-watcher actor per run
+# (for cloud spot notices); on a local test cluster a faster poll and no watcher take ~6 s off each
+# of the suite's ~40 Ray Train runs. Set before any Ray process starts, so every one inherits them.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +57,24 @@ def tiny_config(cache_dir: str, **overrides) -> C.Config:
     }
     base.update(overrides)
     return C.load("sample", base)
+
+
+def start_local_ray() -> None:
+    """A fresh local Ray cluster for this process: 2 CPUs, dashboard on 127.0.0.1 (Tune's resource
+    cleaner needs the state API). address="local": never a cluster someone else left on this host."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray cluster shared by every test module that needs one (each start costs ~10 s on
+    2 cores). Tests that need a cluster of another shape shut it down and start it again after."""
+    import ray
+
+    start_local_ray()
+    yield
+    ray.shutdown()
+

@@ -141,14 +141,6 @@ SHORT = {"model.small_width": 16, "model.dim": 256, "model.pred_dim": 64, "optim
          "eval.linear.epochs": 5}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    # address="local": a fresh cluster even if the host runs another one (ray.init() would join it).
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.slow

@@ -9,7 +9,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from PIL import Image
 
@@ -28,15 +27,9 @@ from simsiam.data.pipeline import (
 )
 from simsiam.data.schema import SCHEMA, DataError
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("ray_local")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def key(img_chw: np.ndarray) -> str:

@@ -146,18 +146,10 @@ def kill_when_training(cmd: list[str], reg: Path, log: Path, address: str, timeo
 # ----------------------------------------------------------------------------------------- the Ray story
 
 
-@pytest.fixture(scope="module")
-def ray_session():
-    import ray
-
-    # address="local": always a fresh cluster, never one another process left in /tmp/ray.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
-def story(ray_session, digits_cache, tmp_path_factory) -> dict:
+def story(ray_local, digits_cache, tmp_path_factory) -> dict:
     from pipelines.retrain import retrain
 
     work = tmp_path_factory.mktemp("retrain")

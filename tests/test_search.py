@@ -297,12 +297,6 @@ def test_search_end_to_end_survives_a_killed_driver(digits_cache, tmp_path):
 
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    # address="local": a fresh cluster even if the host runs another one (ray.init() would join it).
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 def _released_within(total: dict, seconds: float) -> bool:

@@ -13,18 +13,17 @@ import ray
 import torch
 
 from simsiam import checkpoint as ckpt_io
+from simsiam.augment import normalize
 from simsiam.data import resolve_paths
+from simsiam.data.pipeline import eval_dataset, iter_eval_batches
+from simsiam.evaluate import linear_eval, linear_eval_cached
+from simsiam.model import SimSiam
 from simsiam.train import CHECKPOINT_FILE, pretrain
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")
-    yield
-    ray.shutdown()
 
 
 def _paths(cfg):
@@ -37,7 +36,8 @@ def _epochs(res):
 
 def test_two_worker_ddp_keeps_replicas_identical(ray_local, digits_cache, tmp_path):
     cfg = tiny_config(digits_cache, **{"train.num_workers": 2, "train.knn_every": 1, "run.name": "ddp"})
-    res = pretrain(cfg, *_paths(cfg), str(tmp_path))
+    train_path, eval_path = _paths(cfg)
+    res = pretrain(cfg, train_path, eval_path, str(tmp_path), linear_fit_path=train_path)
     assert res.status == "finished", res.reason
     assert _epochs(res) == [1, 2]
     assert [h["world_size"] for h in res.history] == [2, 2]
@@ -53,6 +53,23 @@ def test_two_worker_ddp_keeps_replicas_identical(ray_local, digits_cache, tmp_pa
     assert {"model", "optimizer", "config", "rng"} <= set(state)
     # TensorBoard event files from rank 0 in the run directory.
     assert list(Path(res.run_path, "tensorboard").glob("events.out.tfevents.*"))
+    # The linear evaluation inside the pretraining run (rank 0; the other rank waits at a barrier) scores
+    # the final weights exactly as the cached protocol does on its own, here in the driver process.
+    assert res.linear["in_run"] and res.linear["backbone_unchanged"]
+    net = SimSiam(cfg.model)
+    net.load_state_dict(state["model"])
+    alone = linear_eval_cached(net.backbone.eval(), iter_eval_batches(eval_dataset(cfg.data, train_path), 256),
+                               iter_eval_batches(eval_dataset(cfg.data, eval_path), 256), 10,
+                               lambda x: normalize(x, cfg.data), cfg.eval.linear, cfg.train.seed)
+    assert res.linear["top1"] == pytest.approx(alone["top1"], abs=1e-6)
+    assert res.linear["top5"] == pytest.approx(alone["top5"], abs=1e-6)
+    assert 0.0 < alone["top1"] <= 100.0
+    # The paper's full protocol (a fresh crop of every image each epoch, DDP over the classifier alone)
+    # runs as its own 2-worker Ray Train run on the same checkpoint.
+    full_cfg = cfg.replace({"eval.linear.protocol": "full", "eval.linear.num_workers": 2, "eval.linear.epochs": 2})
+    full = linear_eval(full_cfg, res.checkpoint, train_path, eval_path, str(tmp_path))
+    assert full["protocol"] == "full" and full["backbone_unchanged"]
+    assert 0.0 <= full["top1"] <= full["top5"] <= 100.0
 
 
 def test_collapse_guard_stops_no_stop_gradient_run(ray_local, digits_cache, tmp_path):

@@ -12,7 +12,7 @@ from ray.cluster_utils import Cluster
 
 from simsiam.data import resolve_paths
 from simsiam.train import pretrain
-from tests.conftest import free_port, tiny_config
+from tests.conftest import free_port, start_local_ray, tiny_config
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +22,8 @@ def two_nodes(monkeypatch):
     # Right after a node dies Ray still counts its CPUs for a moment, so Train's first restart may ask for
     # two workers again; a short start timeout makes that attempt give up quickly and retry with one.
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
+    shared = ray.is_initialized()  # the session's one-node cluster (conftest.ray_local): set it aside
+    ray.shutdown()
     # One CPU per node and 0.75 CPU per train worker: each node holds exactly one worker (plus 0.25 CPU
     # for Ray Data), so losing a node must shrink the run. Fast health checks notice a dead node in ~3 s.
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -33,6 +35,8 @@ def two_nodes(monkeypatch):
     yield cluster, worker
     ray.shutdown()
     cluster.shutdown()
+    if shared:
+        start_local_ray()
 
 
 def test_ddp_spans_two_nodes(two_nodes, digits_cache, tmp_path):

@@ -3,7 +3,8 @@
 Training::
 
     read_parquet (streaming, seeded file shuffle)
-      -> map_batches: decode + two GeometricAugment views per image -> view1, view2 (N,3,S,S) uint8, valid
+      -> map_batches (simsiam.data.batches, no torch): decode + two GeometricAugment views per image
+         -> view1, view2 (N,3,S,S) uint8, valid
       -> streaming_split to the workers (Ray Train's get_dataset_shard)
       -> iter_train_batches: iter_torch_batches with prefetch and a seeded local shuffle buffer
       -> PhotometricAugment on the worker's device (see simsiam.augment)
@@ -18,7 +19,6 @@ Bad rows (corrupt, truncated, over data.max_pixels, unlabeled where labels are n
 from __future__ import annotations
 
 import copy
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,9 +28,8 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
-from simsiam.augment import GeometricAugment, eval_transform
 from simsiam.config import DataConfig
-from simsiam.data.decode import BadImage, Rows
+from simsiam.data import batches
 from simsiam.data.schema import METADATA_FILE, DataError, ShardSet, is_uri, read_metadata, validate_shards
 
 # Output bytes per map_batches call: big enough to amortise task overhead, small enough that a few
@@ -111,83 +110,6 @@ def _read(data_cfg: DataConfig, path: str, what: str, shuffle_seed: int | None) 
     return ds
 
 
-def _batch_rng(seed: int, rows: Rows) -> np.random.Generator:
-    """A generator for one batch: fixed by the seed, the epoch (Ray's execution index) and the rows.
-
-    Two epochs of one image get different views; rerunning a batch (task retry) gets the same ones.
-    """
-    from ray.data.context import DataContext
-
-    epoch = int(getattr(DataContext.get_current(), "_execution_idx", 0))
-    key = zlib.crc32("\0".join(map(str, rows.ids)).encode())
-    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, key, rows.n])
-
-
-def _fail_or_skip(rows: Rows, i: int, reason: str, on_bad_image: str) -> None:
-    if on_bad_image != "skip":
-        raise rows.bad(i, reason)
-
-
-def _train_batch(table: pa.Table, image_size: int, min_scale: float, max_pixels: int, on_bad_image: str,
-                 seed: int) -> dict[str, np.ndarray]:
-    rows = Rows(table)
-    geo = GeometricAugment(image_size, min_scale)
-    rng = _batch_rng(seed, rows)
-    v1 = np.zeros((rows.n, 3, image_size, image_size), np.uint8)
-    v2 = np.zeros_like(v1)
-    valid = np.ones(rows.n, bool)
-    for i in range(rows.n):
-        try:
-            img = rows.decode(i, max_pixels)
-        except BadImage as e:
-            _fail_or_skip(rows, i, str(e), on_bad_image)
-            valid[i] = False
-            continue
-        v1[i] = geo(img, rng)
-        v2[i] = geo(img, rng)
-    return {"view1": v1, "view2": v2, "valid": valid}
-
-
-def _eval_batch(table: pa.Table, image_size: int, resize_ratio: float, max_pixels: int,
-                on_bad_image: str) -> dict[str, np.ndarray]:
-    rows = Rows(table)
-    out = np.zeros((rows.n, 3, image_size, image_size), np.uint8)
-    valid = np.ones(rows.n, bool)
-    for i in range(rows.n):
-        if rows.labels[i] < 0:
-            _fail_or_skip(rows, i, "label is missing (-1) but evaluation needs labels", on_bad_image)
-            valid[i] = False
-            continue
-        try:
-            img = rows.decode(i, max_pixels)
-        except BadImage as e:
-            _fail_or_skip(rows, i, str(e), on_bad_image)
-            valid[i] = False
-            continue
-        out[i] = eval_transform(img, image_size, resize_ratio)
-    return {"image": out, "label": rows.labels, "valid": valid}
-
-
-def _labeled_batch(table: pa.Table, image_size: int, min_scale: float, max_pixels: int, on_bad_image: str,
-                   seed: int) -> dict[str, np.ndarray]:
-    rows = Rows(table)
-    geo = GeometricAugment(image_size, min_scale)
-    rng = _batch_rng(seed, rows)
-    out = np.zeros((rows.n, 3, image_size, image_size), np.uint8)
-    valid = np.ones(rows.n, bool)
-    for i in range(rows.n):
-        if rows.labels[i] < 0:
-            _fail_or_skip(rows, i, "label is missing (-1) but linear evaluation needs labels", on_bad_image)
-            valid[i] = False
-            continue
-        try:
-            out[i] = geo(rows.decode(i, max_pixels), rng)
-        except BadImage as e:
-            _fail_or_skip(rows, i, str(e), on_bad_image)
-            valid[i] = False
-    return {"image": out, "label": rows.labels, "valid": valid}
-
-
 def train_dataset(data_cfg: DataConfig, path: str, seed: int) -> ray.data.Dataset:
     """Streaming training data: columns ``view1``, ``view2`` (uint8 (N, 3, S, S)) and ``valid`` (bool).
 
@@ -198,7 +120,7 @@ def train_dataset(data_cfg: DataConfig, path: str, seed: int) -> ray.data.Datase
     ds = _read(data_cfg, path, "data.path", shuffle_seed=int(seed))
     s = data_cfg.image_size
     return ds.map_batches(
-        _train_batch, batch_format="pyarrow", batch_size=_rows_per_batch(s, 2), num_cpus=_task_cpus(data_cfg),
+        batches.train_batch, batch_format="pyarrow", batch_size=_rows_per_batch(s, 2), num_cpus=_task_cpus(data_cfg),
         fn_kwargs={"image_size": s, "min_scale": data_cfg.crop_min_scale, "max_pixels": data_cfg.max_pixels,
                    "on_bad_image": data_cfg.on_bad_image, "seed": int(seed)},
     )
@@ -224,7 +146,7 @@ def eval_dataset(data_cfg: DataConfig, path: str) -> ray.data.Dataset:
     ds = _read(data_cfg, path, "eval data", shuffle_seed=None)
     s = data_cfg.image_size
     return ds.map_batches(
-        _eval_batch, batch_format="pyarrow", batch_size=_rows_per_batch(s, 1), num_cpus=_task_cpus(data_cfg),
+        batches.eval_batch, batch_format="pyarrow", batch_size=_rows_per_batch(s, 1), num_cpus=_task_cpus(data_cfg),
         fn_kwargs={"image_size": s, "resize_ratio": data_cfg.eval_resize, "max_pixels": data_cfg.max_pixels,
                    "on_bad_image": data_cfg.on_bad_image},
     )
@@ -241,7 +163,7 @@ def labeled_train_dataset(data_cfg: DataConfig, path: str, seed: int,
     ds = _read(data_cfg, path, "data.path", shuffle_seed=int(seed))
     s = data_cfg.image_size
     return ds.map_batches(
-        _labeled_batch, batch_format="pyarrow", batch_size=_rows_per_batch(s, 1), num_cpus=_task_cpus(data_cfg),
+        batches.labeled_batch, batch_format="pyarrow", batch_size=_rows_per_batch(s, 1), num_cpus=_task_cpus(data_cfg),
         fn_kwargs={"image_size": s, "min_scale": min_scale, "max_pixels": data_cfg.max_pixels,
                    "on_bad_image": data_cfg.on_bad_image, "seed": int(seed)},
     )

@@ -1,0 +1,79 @@
+"""What each Ray Data task does to one batch of shard rows: decode, then the geometric augmentation
+(two views for pretraining, one for linear evaluation) or the deterministic eval view.
+
+Only numpy, pyarrow and PIL: every Ray Data worker process imports this module, and keeping torch out
+of it saves seconds of start-up per process (measured: 0.7 s against 6.4 s when this code sat next to
+the torch-side iterators).
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+
+from simsiam.augment.geometric import GeometricAugment, eval_transform
+from simsiam.data.decode import BadImage, Rows
+
+
+def _batch_rng(seed: int, rows: Rows) -> np.random.Generator:
+    """A generator for one batch: fixed by the seed, the epoch (Ray's execution index) and the rows.
+
+    Two epochs of one image get different views; rerunning a batch (task retry) gets the same ones.
+    """
+    from ray.data.context import DataContext
+
+    epoch = int(getattr(DataContext.get_current(), "_execution_idx", 0))
+    key = zlib.crc32("\0".join(map(str, rows.ids)).encode())
+    return np.random.default_rng([seed & 0xFFFFFFFF, epoch, key, rows.n])
+
+
+def _transform_rows(rows: Rows, views: int, image_size: int, transform: Callable[[np.ndarray], np.ndarray],
+                    max_pixels: int, on_bad_image: str, labels_for: str | None = None
+                    ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Decode every row and apply ``transform`` ``views`` times; returns the views and a ``valid`` mask.
+
+    A bad row (undecodable, over the pixel limit, or unlabeled where ``labels_for`` needs labels) raises
+    a DataError naming shard and row, or under ``on_bad_image: skip`` keeps zero pixels and valid False.
+    """
+    out = [np.zeros((rows.n, 3, image_size, image_size), np.uint8) for _ in range(views)]
+    valid = np.ones(rows.n, bool)
+    for i in range(rows.n):
+        try:
+            if labels_for and rows.labels[i] < 0:
+                raise BadImage(f"label is missing (-1) but {labels_for} needs labels")
+            img = rows.decode(i, max_pixels)
+        except BadImage as e:
+            if on_bad_image != "skip":
+                raise rows.bad(i, str(e)) from None
+            valid[i] = False
+            continue
+        for view in out:
+            view[i] = transform(img)
+    return out, valid
+
+
+def train_batch(table: pa.Table, image_size: int, min_scale: float, max_pixels: int, on_bad_image: str,
+                 seed: int) -> dict[str, np.ndarray]:
+    rows = Rows(table)
+    geo, rng = GeometricAugment(image_size, min_scale), _batch_rng(seed, rows)
+    (v1, v2), valid = _transform_rows(rows, 2, image_size, lambda img: geo(img, rng), max_pixels, on_bad_image)
+    return {"view1": v1, "view2": v2, "valid": valid}
+
+
+def eval_batch(table: pa.Table, image_size: int, resize_ratio: float, max_pixels: int,
+                on_bad_image: str) -> dict[str, np.ndarray]:
+    rows = Rows(table)
+    (out,), valid = _transform_rows(rows, 1, image_size, lambda img: eval_transform(img, image_size, resize_ratio),
+                                    max_pixels, on_bad_image, labels_for="evaluation")
+    return {"image": out, "label": rows.labels, "valid": valid}
+
+
+def labeled_batch(table: pa.Table, image_size: int, min_scale: float, max_pixels: int, on_bad_image: str,
+                   seed: int) -> dict[str, np.ndarray]:
+    rows = Rows(table)
+    geo, rng = GeometricAugment(image_size, min_scale), _batch_rng(seed, rows)
+    (out,), valid = _transform_rows(rows, 1, image_size, lambda img: geo(img, rng), max_pixels, on_bad_image,
+                                    labels_for="linear evaluation")
+    return {"image": out, "label": rows.labels, "valid": valid}
