@@ -6,8 +6,8 @@ fitted on the full built-in train split, so scores compare across runs.
 
 The Ray part is one story, run once per module by the ``story`` fixture (each Ray Train run costs tens
 of seconds on 2 cores): first run -> promoted; rerun -> nothing to do; a run killed mid-training; the
-rerun after it, warm-started -> promoted; a failed run; a run short of the margin -> not promoted; a run
-the collapse guard stops -> not promoted. Each test asserts on one chapter. The registry's crash
+rerun after it, warm-started -> promoted; a failed run; a run short of the margin -> not promoted. Each
+test asserts on one chapter. The registry's crash
 safety (journal roll-forward, lock, scan) is also tested directly, without Ray.
 """
 from __future__ import annotations
@@ -217,13 +217,6 @@ def story(ray_local, digits_cache, tmp_path_factory) -> dict:
     s["strict"] = run_main([str(work / "strict.yaml"), "--registry", str(reg)])
     s["after_strict"] = snapshot(reg)
 
-    # 8. day 3 with stop_gradient off: too short a run for collapse to develop, so the guard is set to
-    # trip on this run's (healthy-at-init) rank; what is tested is that a stopped run is not promoted.
-    add_chunk(src, work, 3)
-    s["collapse"] = retrain(retrain_config(cache, src, **{
-        "loss.stop_gradient": False, "retrain.margin": -1000.0, "train.collapse_guard.enabled": True,
-        "train.collapse_guard.rank_ratio": 0.99, "train.collapse_guard.window_steps": 2}), reg, log=quiet)
-    s["after_collapse"] = snapshot(reg)
     s["registry"] = Registry(reg)
     return s
 
@@ -281,7 +274,7 @@ def test_killed_run_leaves_the_registry_consistent(story):
     assert any(story["killed_id"] in m and "crashed" in m for m in story["log"])
     first = story["first"].run_id
     for path, digest in story["after_first"]["models"].items():
-        assert story["after_collapse"]["models"][path] == digest
+        assert story["after_strict"]["models"][path] == digest
     assert (reg / "models" / first / "checkpoint.pt").is_file()
 
 
@@ -341,16 +334,6 @@ def test_a_changed_eval_protocol_rescores_the_promoted_model(story):
     assert "rebaseline" not in story["rerun"].record
     first_score = json.loads(story["after_first"]["promoted"])["linear_top1"]
     assert story["rerun"].record["baseline"]["linear_top1"] == first_score
-
-
-@pytest.mark.slow
-def test_run_stopped_by_the_collapse_guard_is_not_promoted(story):
-    out = story["collapse"]
-    assert out.decision == "not_promoted" and out.exit_code == 0
-    assert "collapsed" in out.reason and "effective rank" in out.reason
-    assert out.record["metrics"].get("linear_top1") is None  # a collapsed model is not worth scoring
-    assert story["after_collapse"]["promoted"] == story["after_strict"]["promoted"]
-    assert "day3" in _days(story["after_collapse"])
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Distributed pretraining on a real local Ray cluster: DDP, multi-node, faults, elasticity, resume,
-the collapse guard and divergence. Every run is tiny (a few steps of a small ResNet on digits)."""
+the collapse guard. Every run is tiny (a few steps of a small ResNet on digits). Divergence (status
+"diverged", the loss named) is checked end to end by the search test, whose lr-1e20 trial diverges."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import ray
-import torch
 
 from simsiam import checkpoint as ckpt_io
 from simsiam.augment import normalize
@@ -80,21 +80,8 @@ def test_collapse_guard_stops_no_stop_gradient_run(ray_local, digits_cache, tmp_
     assert res.status == "collapsed", (res.status, res.reason, [h["effective_rank"] for h in res.history])
     assert len(res.history) < 30
     assert "rank" in res.reason or "std" in res.reason
-    # The default recipe under the same guard runs to its end.
-    good = tiny_config(digits_cache, **{**over, "train.epochs": 3, "run.name": "default"})
-    res = pretrain(good, *_paths(good), str(tmp_path))
-    assert res.status == "finished", res.reason
-    assert _epochs(res) == [1, 2, 3]
-
-
-def test_diverging_run_stops_with_status_and_keeps_last_checkpoint(ray_local, digits_cache, tmp_path):
-    cfg = tiny_config(digits_cache, **{"optim.base_lr": 1.0e30, "loss.similarity": "cross_entropy",
-                                       "train.epochs": 3, "run.name": "diverge"})
-    res = pretrain(cfg, *_paths(cfg), str(tmp_path))
-    assert res.status == "diverged", (res.status, res.reason)
-    assert "loss became" in res.reason
-    for h in res.history:
-        assert torch.isfinite(torch.tensor(h["loss"]))
+    # That the default recipe runs to its end under the guard is checked by the resume test, whose
+    # runs have the guard on.
 
 
 def _worker_pids() -> list[int]:
@@ -137,10 +124,12 @@ def test_killed_worker_resumes_and_accounts_every_epoch_once(ray_local, digits_c
 
 
 def test_rerun_resumes_from_latest_checkpoint(ray_local, digits_cache, tmp_path):
-    over = {"train.epochs": 4, "train.max_steps_per_epoch": 4, "train.max_failures": 0}
+    # The default recipe with the collapse guard on (window of 5 of the 16 steps): it must not trip.
+    over = {"train.epochs": 4, "train.max_steps_per_epoch": 4, "train.max_failures": 0,
+            "train.collapse_guard.enabled": True, "train.collapse_guard.window_steps": 5}
     full = tiny_config(digits_cache, **over, **{"run.name": "full"})
     ref = pretrain(full, *_paths(full), str(tmp_path))
-    assert ref.status == "finished"
+    assert ref.status == "finished", ref.reason
 
     # Interrupt after epoch 2: the only worker is killed once the second checkpoint exists; no retries.
     cut = tiny_config(digits_cache, **over, **{"run.name": "cut"})

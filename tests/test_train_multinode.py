@@ -2,6 +2,7 @@
 nodes, and an elastic run that loses a node and carries on with the workers left."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -17,11 +18,14 @@ from tests.conftest import free_port, start_local_ray, tiny_config
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def two_nodes(monkeypatch):
+@pytest.fixture(scope="module")
+def two_nodes():
+    """One two-node cluster for the module (each start costs ~10 s). The elastic test removes the worker
+    node, so it comes last in this file."""
     # Right after a node dies Ray still counts its CPUs for a moment, so Train's first restart may ask for
     # two workers again; a short start timeout makes that attempt give up quickly and retry with one.
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
+    saved = os.environ.get("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = "15"
     shared = ray.is_initialized()  # the session's one-node cluster (conftest.ray_local): set it aside
     ray.shutdown()
     # One CPU per node and 0.75 CPU per train worker: each node holds exactly one worker (plus 0.25 CPU
@@ -35,6 +39,10 @@ def two_nodes(monkeypatch):
     yield cluster, worker
     ray.shutdown()
     cluster.shutdown()
+    if saved is None:
+        os.environ.pop("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", None)
+    else:
+        os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = saved
     if shared:
         start_local_ray()
 
