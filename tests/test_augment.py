@@ -198,3 +198,15 @@ def test_eval_transform_is_resize_then_center_crop(hw, size, ratio):
     assert np.array_equal(out, np.asarray(ref).transpose(2, 0, 1))
     if hw == (size, size) and ratio == 1.0:
         assert np.array_equal(out, img.transpose(2, 0, 1))  # identity at native size: exact round trips
+
+
+def test_the_ray_data_side_imports_no_torch():
+    """Every Ray Data worker imports the row functions; torch there costs seconds per process start."""
+    import subprocess
+    import sys
+
+    code = ("import sys, simsiam.data.batches, simsiam.augment; "
+            "assert 'torch' not in sys.modules, 'torch imported'; "
+            "simsiam.augment.PhotometricAugment; assert 'torch' in sys.modules")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
