@@ -195,6 +195,24 @@ def linear_eval_cached(backbone: nn.Module, train_batches: Iterable, test_batche
 # ----------------------------------------------------------------------------- linear evaluation on Ray Train
 
 
+def linear_eval_cached_on_shards(backbone: nn.Module, cfg: Config, num_classes: int, device: torch.device,
+                                 fit: str, test: str) -> dict:
+    """The cached protocol inside a Ray Train worker, on its dataset shards named ``fit`` and ``test``
+    (eval-view datasets). Used by the standalone evaluation and at the end of a pretraining run."""
+    import ray.train
+
+    from simsiam.augment import normalize
+    from simsiam.data import pipeline as data_pipeline
+
+    out = linear_eval_cached(
+        backbone,
+        data_pipeline.iter_eval_batches(ray.train.get_dataset_shard(fit), 256, device),
+        data_pipeline.iter_eval_batches(ray.train.get_dataset_shard(test), 256, device),
+        num_classes, lambda x: normalize(x, cfg.data), cfg.eval.linear, cfg.train.seed, device)
+    return {"top1": out["top1"], "top5": out["top5"], "train_top1": out["train_top1"], "protocol": "cached",
+            "backbone_unchanged": True}
+
+
 def _load_backbone(cfg: Config, checkpoint_path: str, device: torch.device) -> nn.Module:
     """The pretrained backbone, frozen and in eval mode (BN statistics never move)."""
     import ray.train
@@ -239,12 +257,7 @@ def linear_eval_loop_per_worker(loop_config: dict) -> dict:
 
     if lin.protocol == "cached":
         if rank == 0:
-            out = linear_eval_cached(
-                backbone,
-                data_pipeline.iter_eval_batches(ray.train.get_dataset_shard("train_eval"), 256, device),
-                data_pipeline.iter_eval_batches(ray.train.get_dataset_shard("test"), 256, device),
-                num_classes, norm, lin, cfg.train.seed, device)
-            result = {"top1": out["top1"], "top5": out["top5"], "train_top1": out["train_top1"]}
+            result = linear_eval_cached_on_shards(backbone, cfg, num_classes, device, "train_eval", "test")
     else:
         before = snapshot_backbone(backbone)
         model = FrozenBackboneClassifier(backbone, _backbone_dim(backbone, cfg, device), num_classes).to(device)

@@ -36,7 +36,7 @@ from simsiam import checkpoint as ckpt_io
 from simsiam.augment import normalize
 from simsiam.config import Config, from_dict
 from simsiam.data import pipeline as data_pipeline
-from simsiam.evaluate import linear_eval_cached
+from simsiam.evaluate import linear_eval_cached_on_shards
 from simsiam.metrics import CollapseGuard, knn_accuracy
 from simsiam.model import SimSiam
 from simsiam.optim import build_optimizer, cosine_lr, scaled_lr, set_lr
@@ -130,18 +130,13 @@ def _linear_eval_in_run(backbone: nn.Module, cfg: Config, num_classes: int, devi
     result = None
     if rank == 0:
         try:
-            out = linear_eval_cached(
-                backbone,
-                data_pipeline.iter_eval_batches(ray.train.get_dataset_shard("linear_fit"), 256, device),
-                data_pipeline.iter_eval_batches(ray.train.get_dataset_shard("linear_test"), 256, device),
-                num_classes, lambda x: normalize(x, cfg.data), cfg.eval.linear, cfg.train.seed, device)
+            result = {**linear_eval_cached_on_shards(backbone, cfg, num_classes, device, "linear_fit", "linear_test"),
+                      "in_run": True}
         except Exception as e:  # noqa: BLE001 - the pretraining stands; its caller records the failed evaluation
             result = {"error": f"{type(e).__name__}: {e}"}
         else:
-            result = {"top1": out["top1"], "top5": out["top5"], "train_top1": out["train_top1"],
-                      "protocol": "cached", "backbone_unchanged": True, "in_run": True}
-            worker_print(f"[simsiam] linear evaluation (cached, in this run): top-1 {out['top1']:.2f}%, "
-                         f"top-5 {out['top5']:.2f}%")
+            worker_print(f"[simsiam] linear evaluation (cached, in this run): top-1 {result['top1']:.2f}%, "
+                         f"top-5 {result['top5']:.2f}%")
     if world > 1:
         dist.barrier()
     return result
