@@ -1,6 +1,8 @@
 """``simsiam data``: convert datasets to Parquet shards, and inspect them.
 
   simsiam data convert SRC DEST            image folder (one sub-folder per class, or flat) or .npz
+  simsiam data convert cifar-10-batches-py DEST   CIFAR-10/100 python folders -> DEST/train, DEST/test
+  simsiam data convert imagenet/ DEST      train/ + val/ (class folders, or flat + labels file)
   simsiam data convert --builtin digits DEST
   simsiam data inspect PATH [--out DIR]    schema, counts, shards, sample and augmented-pair grids
 """
@@ -31,7 +33,7 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"converting {src or 'builtin:' + args.builtin} -> {dest}", file=sys.stderr)
     reports = convert(src, dest, builtin=args.builtin, overwrite=args.overwrite, shard_rows=args.shard_rows,
                       workers=args.workers, images_key=args.images_key, labels_key=args.labels_key,
-                      on_bad_image=args.on_bad_image, progress=not args.quiet)
+                      on_bad_image=args.on_bad_image, progress=not args.quiet, val_labels=args.val_labels)
     for r in reports:
         print(r.summary())
     return 0
@@ -72,14 +74,21 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                        description="Convert images to Parquet shards (written atomically; an interrupted run "
                                    "resumes when rerun with the same arguments).")
     c.add_argument("paths", nargs="+", metavar="SRC DEST",
-                   help="an image folder (sub-folder per class, or flat = unlabeled) or a .npz file, then the "
-                        "output directory; .npz with x_train/x_test and the digits write DEST/train and DEST/test")
+                   help="an image folder (sub-folder per class, or flat = unlabeled), a .npz file, a CIFAR "
+                        "python folder (cifar-10-batches-py, cifar-100-python: fine labels) or a folder with "
+                        "train/ and val/, then the output directory; .npz with x_train/x_test, CIFAR and the "
+                        "digits write DEST/train and DEST/test, train/val folders DEST/train and DEST/val")
     c.add_argument("--builtin", choices=("digits",), help="convert a built-in set instead of SRC")
     c.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DEST")
     c.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: ~64 MiB shards, >= 16)")
     c.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
     c.add_argument("--images-key", help=".npz: array of images (default: x_train/x_test, images, x or data)")
     c.add_argument("--labels-key", help=".npz: array of labels (default: the images key's usual partner)")
+    c.add_argument("--val-labels", metavar="FILE",
+                   help="train/val folders with a flat val/: its labels file, 'filename label' lines (label = "
+                        "a train class folder name, or its index in sorted order) or a .csv with a header such "
+                        "as Kaggle's LOC_val_solution.csv (default: LOC_val_solution.csv, val_annotations.txt, "
+                        "val_labels.txt or labels.txt in SRC or SRC/val)")
     c.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
                    help="an unreadable source image: stop with an error naming it, or skip it (reported)")
     c.add_argument("--quiet", action="store_true", help="no progress lines")

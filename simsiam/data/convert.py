@@ -119,22 +119,23 @@ class _Source:
                 self.id_prefix, start, self.storage)
 
 
+def _images_under(d: Path) -> list[Path]:
+    """Image files anywhere under ``d``, in a stable (sorted) order; hidden files and folders skipped."""
+    out = []
+    for root, dirs, names in os.walk(d):
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))
+        out += [Path(root) / n for n in sorted(names)
+                if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
+    return out
+
+
 def _folder_source(src: Path) -> _Source:
     if not src.is_dir():
         raise DataError(f"SRC {src}: not a directory, .npz file or --builtin name")
-
-    def images_under(d: Path) -> list[Path]:
-        out = []
-        for root, dirs, names in os.walk(d):
-            dirs[:] = sorted(x for x in dirs if not x.startswith("."))
-            out += [Path(root) / n for n in sorted(names)
-                    if not n.startswith(".") and n.lower().endswith(IMAGE_EXTENSIONS)]
-        return out
-
     top_files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith(".")
                        and p.name.lower().endswith(IMAGE_EXTENSIONS))
     class_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_dirs = [d for d in class_dirs if images_under(d)]
+    class_dirs = [d for d in class_dirs if _images_under(d)]
     if top_files and class_dirs:
         raise DataError(f"SRC {src}: has both images at the top level ({top_files[0].name}, ...) and class "
                         f"sub-folders ({class_dirs[0].name}, ...); use one layout")
@@ -142,10 +143,17 @@ def _folder_source(src: Path) -> _Source:
     if class_dirs:
         class_names = [d.name for d in class_dirs]
         for label, d in enumerate(class_dirs):
-            files += [(p.relative_to(src).as_posix(), str(p), label) for p in images_under(d)]
+            files += [(p.relative_to(src).as_posix(), str(p), label) for p in _images_under(d)]
     else:
         class_names = []
         files = [(p.name, str(p), -1) for p in top_files]
+    return _files_source(src, files, class_names)
+
+
+def _files_source(src: Path, files: list[tuple[str, str, int]], class_names: list[str],
+                  extra: dict | None = None) -> _Source:
+    """A source of image files ``(id, path, label)`` found under ``src``, fingerprinted by names, sizes
+    and mtimes (so a resume notices changed files)."""
     if not files:
         raise DataError(f"SRC {src}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
     digest = hashlib.sha1()
@@ -155,7 +163,7 @@ def _folder_source(src: Path) -> _Source:
         total += st.st_size
         digest.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return _Source("files", {"type": "folder", "path": str(src.resolve()), "files": len(files),
-                             "sha1": digest.hexdigest()},
+                             "sha1": digest.hexdigest(), **(extra or {})},
                    len(files), class_names, "encoded", max(1, total // len(files)), files=files)
 
 
@@ -596,12 +604,16 @@ def write_dataset(source: _Source, dest: str | os.PathLike, *, overwrite: bool =
 def convert(src: str | os.PathLike | None, dest: str | os.PathLike, *, builtin: str | None = None,
             overwrite: bool = False, shard_rows: int | None = None, workers: int | None = None,
             images_key: str | None = None, labels_key: str | None = None, on_bad_image: str = "error",
-            progress: bool = False) -> list[ConvertReport]:
-    """Convert an image folder, a .npz file or a built-in set into shards under ``dest``.
+            progress: bool = False, val_labels: str | os.PathLike | None = None) -> list[ConvertReport]:
+    """Convert an image folder, a .npz file, a CIFAR python folder, an ImageNet-style train/val folder
+    (see :mod:`simsiam.data.formats`) or a built-in set into shards under ``dest``.
 
-    Sources with splits (the digits; an .npz with x_train/x_test) write ``dest/train`` and
-    ``dest/test``; others write ``dest`` itself. Returns one report per dataset directory written.
+    Sources with splits (the digits, CIFAR, an .npz with x_train/x_test: ``dest/train`` and
+    ``dest/test``; train/val folders: ``dest/train`` and ``dest/val``) write one directory per split;
+    others write ``dest`` itself. Returns one report per dataset directory written.
     """
+    from simsiam.data import formats
+
     dest = Path(dest)
     if builtin is not None:
         if builtin != "digits":
@@ -620,7 +632,15 @@ def convert(src: str | os.PathLike | None, dest: str | os.PathLike, *, builtin: 
         else:
             if images_key or labels_key:
                 raise DataError("--images-key/--labels-key apply to .npz sources only")
-            sources = {None: _folder_source(src)}
+            layout = formats.detect(src) if src.is_dir() else None
+            if val_labels and layout != "split":
+                raise DataError("--val-labels applies to a folder with train/ and val/ sub-folders only")
+            if layout in ("cifar10", "cifar100"):
+                sources = formats.cifar_sources(src, layout)
+            elif layout == "split":
+                sources = formats.split_sources(src, val_labels)
+            else:
+                sources = {None: _folder_source(src)}
     reports = []
     for split, source in sources.items():
         out = dest / split if split else dest
