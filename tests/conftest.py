@@ -18,6 +18,24 @@ os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
+# The test S3 endpoint (tests/s3_server.py), reached the way AWS is: pyarrow and boto3 read these. Set
+# at import, before any Ray process starts, so every Ray worker inherits them; the server itself starts
+# on first use (``s3`` fixture). Forced, not defaulted: no test may reach a real cloud account.
+from tests.s3_server import S3Server  # noqa: E402
+from tests.s3_server import free_port as _free_port  # noqa: E402
+
+S3_PORT = _free_port()
+os.environ.update({
+    "AWS_ENDPOINT_URL": f"http://127.0.0.1:{S3_PORT}",
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups (seconds of timeouts) on a laptop
+})
+for _var in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL_S3"):
+    os.environ.pop(_var, None)
+
 
 @pytest.fixture(scope="session")
 def digits_cache(tmp_path_factory) -> str:
@@ -78,3 +96,22 @@ def ray_local():
     yield
     ray.shutdown()
 
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    """The session's S3 endpoint (a moto server process on 127.0.0.1; see tests/s3_server.py)."""
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    server = S3Server(S3_PORT, str(log)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3, request) -> str:
+    """A new, empty bucket for one test: ``s3://<name>``."""
+    import re
+    import secrets
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    return s3.create_bucket(f"{name}-{secrets.token_hex(3)}")

@@ -44,6 +44,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from simsiam import io as sio
+from simsiam.io import absolute, is_uri, join  # noqa: F401 - re-exported: dataset paths are storage paths
+
 SCHEMA_VERSION = 1
 METADATA_FILE = "_simsiam.json"
 # Present only while a conversion is in progress (or was interrupted): it records the plan to resume.
@@ -74,27 +77,11 @@ def shard_name(index: int) -> str:
 
 
 def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path inside it) for a local path or a URI (s3://, gs://, file://, ...)."""
-    if is_uri(path):
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"{path}: cannot open this URI: {e}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(path)
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def absolute(path: str) -> str:
-    """Make a local path absolute (Ray tasks do not share the caller's working directory)."""
-    return path if is_uri(path) else os.path.abspath(path)
-
-
-def join(base: str, name: str) -> str:
-    """Join a file name onto a local path or URI."""
-    return base.rstrip("/") + "/" + name
+    """(filesystem, path inside it) for a local path or a URI (s3://, gs://, file://, ...); see simsiam/io.py."""
+    try:
+        return sio.filesystem(path)
+    except sio.StorageError as e:
+        raise DataError(str(e)) from None
 
 
 def _check_type(col: str, t: pa.DataType) -> str | None:
