@@ -46,17 +46,22 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float, init_lr: float) -> None:
 
 
 class LARS(torch.optim.Optimizer):
-    """Layer-wise adaptive rate scaling (You et al. 2017), as the paper's linear evaluation uses.
+    """Layer-wise adaptive rate scaling (You et al. 2017) exactly as NVIDIA apex's ``LARC(SGD(...),
+    trust_coefficient=0.001, clip=False)``, which the official SimSiam linear evaluation
+    (``main_lincls.py --lars``) wraps around SGD over ``fc.weight`` and ``fc.bias``.
 
-    Weight decay and the trust ratio apply to weight matrices only (ndim > 1); biases and BN
-    parameters get plain momentum SGD."""
+    Every parameter, bias included, gets the trust ratio
+    ``trust_coefficient * |p| / (|g| + weight_decay * |p| + eps)`` (1 where ``|p|`` or ``|g|`` is 0, so
+    the zero-initialised bias takes a plain first step) applied to ``g + weight_decay * p``, then
+    momentum SGD. Unlike LARS as usually written for pretraining (LAMB/BYOL style), biases are not
+    exempt: matching LARC keeps the paper's linear protocol (lr 0.1 x 4096/256) reproducible."""
 
     def __init__(self, params, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001):
+                 trust_coefficient: float = 0.001, eps: float = 1e-8):
         if lr <= 0:
             raise ValueError(f"LARS lr must be > 0, got {lr}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
+                                      trust_coefficient=trust_coefficient, eps=eps))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -65,16 +70,15 @@ class LARS(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for g in self.param_groups:
+            wd = g["weight_decay"]
             for p in g["params"]:
                 if p.grad is None:
                     continue
-                d = p.grad
-                if p.ndim > 1:
-                    d = d.add(p, alpha=g["weight_decay"])
-                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0),
-                                        g["trust_coefficient"] * w_norm / d_norm, torch.ones_like(w_norm))
-                    d = d.mul(trust)
+                w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                trust = torch.where((w_norm > 0) & (g_norm > 0),
+                                    g["trust_coefficient"] * w_norm / (g_norm + wd * w_norm + g["eps"]),
+                                    torch.ones_like(w_norm))
+                d = p.grad.add(p, alpha=wd).mul_(trust)
                 buf = self.state[p].get("momentum_buffer")
                 if buf is None:
                     buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)

@@ -94,15 +94,25 @@ def test_lars_step_matches_hand_computation():
     for gw, gb in zip(grads_w, grads_b, strict=True):
         layer.weight.grad, layer.bias.grad = gw.double(), gb.double()
         opt.step()
-        # by hand: weights get weight decay and the trust ratio tc * |w| / |g + wd w|; the bias neither
-        d = gw.double() + wd * w
-        d = d * (tc * w.norm() / d.norm())
-        buf_w = mom * buf_w + d
-        w = w - lr * buf_w
-        buf_b = mom * buf_b + gb.double()
-        b = b - lr * buf_b
+        # by hand, as apex LARC(clip=False): every parameter, the bias too, gets weight decay and the
+        # trust ratio tc * |p| / (|g| + wd |p| + eps)
+        d_w = (gw.double() + wd * w) * (tc * w.norm() / (gw.double().norm() + wd * w.norm() + 1e-8))
+        d_b = (gb.double() + wd * b) * (tc * b.norm() / (gb.double().norm() + wd * b.norm() + 1e-8))
+        buf_w, buf_b = mom * buf_w + d_w, mom * buf_b + d_b
+        w, b = w - lr * buf_w, b - lr * buf_b
         torch.testing.assert_close(layer.weight.double(), w, atol=1e-12, rtol=0)
         torch.testing.assert_close(layer.bias.double(), b, atol=1e-12, rtol=0)
+
+
+def test_lars_zero_initialised_bias_takes_a_plain_first_step_then_is_scaled():
+    """The official linear head starts with bias 0: LARC leaves such a parameter's first step unscaled."""
+    b = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    opt = LARS([b], lr=0.1, momentum=0.0)
+    b.grad = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    opt.step()
+    torch.testing.assert_close(b.detach(), torch.tensor([-0.1, 0.1], dtype=torch.float64))
+    opt.step()  # now |b| > 0: scaled by 0.001 * |b| / |g|
+    torch.testing.assert_close(b.detach(), torch.tensor([-0.1, 0.1], dtype=torch.float64) * (1 + 0.1 * 0.001))
 
 
 def test_lars_zero_weights_fall_back_to_plain_step():
