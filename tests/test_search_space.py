@@ -36,7 +36,7 @@ def test_shipped_spaces_load_against_their_presets(name, preset):
     assert isinstance(dists["model.pred_dim"], optuna.distributions.CategoricalDistribution)
 
 
-@pytest.mark.parametrize("name,preset,lr,wd,pred", [("cifar10", "cifar10", 0.06, 5e-4, 512),
+@pytest.mark.parametrize("name,preset,lr,wd,pred", [("cifar10", "cifar10", 0.03, 5e-4, 512),
                                                      ("imagenet", "imagenet", 0.05, 1e-4, 512)])
 def test_paper_spaces_are_centred_on_the_paper_and_try_it_first(name, preset, lr, wd, pred):
     space = S.load_space(SPACES / f"{name}.yaml", C.load(preset))
