@@ -254,6 +254,27 @@ def test_bad_source_images(tmp_path):
     assert len(meta["skipped"]) == 1 and "broken.jpg" in meta["skipped"][0]["item"]
 
 
+def test_truncated_jpeg_and_pixel_bomb_are_bad_images_not_rows(tmp_path, capsys):
+    """A truncated JPEG has a readable header: only a full decode finds it. Stored, it would stop training."""
+    src = tmp_path / "src"
+    make_folder(src, {"a": 3})
+    buf = io.BytesIO()
+    Image.fromarray(rand_images(1, 64)[0]).save(buf, format="JPEG")
+    (src / "a" / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(src / "a" / "big.png")
+    with pytest.raises(DataError, match=r"cut.jpg: not a readable image: truncated"):
+        convert(src, tmp_path / "out")
+    assert data_main(["convert", str(src), str(tmp_path / "out2"), "--on-bad-image", "skip", "--max-pixels", "100000",
+                      "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "3 rows" in out and "skipped 2 bad image(s)" in out
+    assert "cut.jpg: not a readable image: truncated" in out
+    assert "big.png: not a readable image: image is 400x300 = 120000 pixels, over data.max_pixels = 100000" in out
+    ids = {r["id"] for r in pq.read_table(tmp_path / "out2" / "part-00000.parquet").to_pylist()}
+    assert ids == {"a/img000.png", "a/img001.jpg", "a/img002.bmp"}
+    assert len(read_metadata(str(tmp_path / "out2"))["skipped"]) == 2
+
+
 def test_source_errors(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         convert(tmp_path / "nope", tmp_path / "o")

@@ -4,7 +4,8 @@
   simsiam data convert cifar-10-batches-py DEST   CIFAR-10/100 python folders -> DEST/train, DEST/test
   simsiam data convert imagenet/ DEST      train/ + val/ (class folders, or flat + labels file)
   simsiam data convert --builtin digits DEST
-  simsiam data inspect PATH [--out DIR]    schema, counts, shards, sample and augmented-pair grids
+  simsiam data inspect PATH [--out DIR]    schema, counts, shards, repeated ids, sample and pair grids
+  simsiam data inspect PATH --full         also decode every row; exit 1 unless the set is clean
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import json
 import os
 import sys
 
-from simsiam.config import ConfigError
+from simsiam.config import ConfigError, DataConfig
 from simsiam.data.schema import DataError
 
 
@@ -33,7 +34,8 @@ def _convert(args: argparse.Namespace) -> int:
     print(f"converting {src or 'builtin:' + args.builtin} -> {dest}", file=sys.stderr)
     reports = convert(src, dest, builtin=args.builtin, overwrite=args.overwrite, shard_rows=args.shard_rows,
                       workers=args.workers, images_key=args.images_key, labels_key=args.labels_key,
-                      on_bad_image=args.on_bad_image, progress=not args.quiet, val_labels=args.val_labels)
+                      on_bad_image=args.on_bad_image, progress=not args.quiet, val_labels=args.val_labels,
+                      max_pixels=args.max_pixels)
     for r in reports:
         print(r.summary())
     return 0
@@ -41,9 +43,24 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from simsiam import config as C
-    from simsiam.data.inspect import format_summary, save_pair_grid, save_sample_grid, summarize
+    from simsiam.data.inspect import (
+        check_rows,
+        format_row_check,
+        format_summary,
+        save_pair_grid,
+        save_sample_grid,
+        stderr_progress,
+        summarize,
+    )
 
+    cfg = C.load(args.config, args.overrides)
     summary = summarize(args.path)
+    check = None
+    if args.full:
+        check = check_rows(args.path, cfg.data.max_pixels, workers=args.workers,
+                           progress=None if args.json else stderr_progress())
+        summary["row_check"] = check.to_dict()
+    summary["clean"] = not summary["duplicate_ids"]["count"] and (check is None or check.clean)
     out_dir = args.out or f"inspect_{os.path.basename(args.path.rstrip('/')) or 'data'}"
     if args.samples or args.pairs:
         os.makedirs(out_dir, exist_ok=True)
@@ -53,7 +70,6 @@ def _inspect(args: argparse.Namespace) -> int:
         save_sample_grid(args.path, p, n=args.samples, seed=args.seed)
         files["samples"] = p
     if args.pairs:
-        cfg = C.load(args.config, args.overrides)
         p = os.path.join(out_dir, "pairs.png")
         save_pair_grid(args.path, p, cfg.data, n=args.pairs, seed=args.seed)
         files["pairs"] = p
@@ -62,9 +78,11 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))
+        if check is not None:
+            print(format_row_check(check))
         for name, p in files.items():
             print(f"  {name} grid: {p}")
-    return 0
+    return 0 if summary["clean"] else 1
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -90,11 +108,17 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "as Kaggle's LOC_val_solution.csv (default: LOC_val_solution.csv, val_annotations.txt, "
                         "val_labels.txt or labels.txt in SRC or SRC/val)")
     c.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
-                   help="an unreadable source image: stop with an error naming it, or skip it (reported)")
+                   help="a source image that does not decode in full (corrupt, truncated, not an image, over "
+                        "--max-pixels): stop with an error naming it, or skip it (counted and listed)")
+    c.add_argument("--max-pixels", type=int, default=DataConfig().max_pixels,
+                   help="a source image with more pixels is bad (decompression bombs); default: data.max_pixels's "
+                        "default, %(default)s")
     c.add_argument("--quiet", action="store_true", help="no progress lines")
     c.set_defaults(run=_convert)
-    i = sub.add_parser("inspect", help="schema, counts per class, shards, sample and augmented-pair grids",
-                       description="Describe a shard dataset and save PNG grids of samples and augmented pairs.")
+    i = sub.add_parser("inspect", help="schema, counts per class, shards, repeated ids, sample and pair grids",
+                       description="Describe a shard dataset and save PNG grids of samples and augmented pairs. "
+                                   "Exit status: 0 when no problem was found; 1 when ids repeat or (with --full) "
+                                   "a row cannot be decoded; 2 when PATH is not a readable dataset.")
     i.add_argument("path", metavar="PATH", help="dataset directory or URI")
     i.add_argument("--out", help="directory for the PNG grids (default: ./inspect_<name>)")
     i.add_argument("--samples", type=int, default=64, help="images in samples.png (0 = none)")
@@ -103,6 +127,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     i.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override, e.g. data.image_size=32 (repeatable)")
     i.add_argument("--seed", type=int, default=0, help="which samples and augmentations")
+    i.add_argument("--full", action="store_true",
+                   help="decode every row as training would (same decoder, the config's data.max_pixels) and list "
+                        "each bad one by shard and row; streams, one shard per worker process")
+    i.add_argument("--workers", type=int, default=None, help="--full: worker processes (default: one per core)")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(run=_inspect)
     return p

@@ -31,6 +31,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from simsiam.config import DataConfig
+from simsiam.data.decode import BadImage, decode
 from simsiam.data.schema import (
     METADATA_FILE,
     PLAN_FILE,
@@ -307,38 +309,33 @@ def _encode_png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _file_row(path: str) -> bytes:
-    """The bytes to store for one image file: as found for JPEG/PNG, else transcoded to PNG."""
+def _file_row(path: str, max_pixels: int) -> bytes:
+    """The bytes to store for one image file: as found for JPEG/PNG, else transcoded to PNG. Every image
+    is decoded in full first, with the pipeline's own decoder and pixel limit: a file whose header reads
+    but whose pixels do not (a truncated JPEG) must not become a row that fails training later."""
     from PIL import Image
 
     data = Path(path).read_bytes()
     try:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # the pixel limit is the pipeline's (data.max_pixels), not ours
-        try:
-            img = Image.open(io.BytesIO(data))
-            fmt = img.format
-            if fmt in KEEP_FORMATS:
-                return data
-            img.load()
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-    except Exception as e:  # PIL raises many exception types for unreadable files
-        raise DataError(f"not a readable image: {type(e).__name__}: {e}") from None
-    if img.mode not in ("RGB", "L"):
-        img = img.convert("RGB")
+        img = decode(data, None, None, None, max_pixels)
+        with Image.open(io.BytesIO(data)) as header:  # decode() succeeded, so this only reads the header
+            fmt = header.format
+    except BadImage as e:
+        raise DataError(f"not a readable image: {e}") from None
+    if fmt in KEEP_FORMATS:
+        return data
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
-def _build_table(payload: tuple, on_bad_image: str) -> tuple[pa.Table, list[tuple[str, str]]]:
+def _build_table(payload: tuple, on_bad_image: str, max_pixels: int) -> tuple[pa.Table, list[tuple[str, str]]]:
     skipped: list[tuple[str, str]] = []
     if payload[0] == "files":
         images, labels, ids = [], [], []
         for rel, path, label in payload[1]:
             try:
-                images.append(_file_row(path))
+                images.append(_file_row(path, max_pixels))
             except (DataError, OSError) as e:
                 if on_bad_image != "skip":
                     raise DataError(f"{path}: {e}") from None
@@ -364,9 +361,9 @@ def _build_table(payload: tuple, on_bad_image: str) -> tuple[pa.Table, list[tupl
     return pa.Table.from_arrays(cols, schema=SCHEMA), skipped
 
 
-def _write_shard(dest: str, index: int, payload: tuple, on_bad_image: str) -> dict[str, Any]:
+def _write_shard(dest: str, index: int, payload: tuple, on_bad_image: str, max_pixels: int) -> dict[str, Any]:
     """Build shard ``index`` and write it atomically; runs in a worker process."""
-    table, skipped = _build_table(payload, on_bad_image)
+    table, skipped = _build_table(payload, on_bad_image, max_pixels)
     row_bytes = max(1, table.nbytes // max(1, table.num_rows))
     meta = dict(table.schema.metadata or {})
     meta[b"simsiam.skipped"] = json.dumps(skipped).encode()
@@ -502,8 +499,9 @@ def _stderr_progress(label: str) -> Progress:
 
 def write_dataset(source: _Source, dest: str | os.PathLike, *, overwrite: bool = False,
                   shard_rows: int | None = None, workers: int | None = None, on_bad_image: str = "error",
-                  progress: Progress | None = None) -> ConvertReport:
-    """Write one source as a dataset directory (shards + ``_simsiam.json``), resuming when possible."""
+                  progress: Progress | None = None, max_pixels: int = DataConfig().max_pixels) -> ConvertReport:
+    """Write one source as a dataset directory (shards + ``_simsiam.json``), resuming when possible.
+    Source images over ``max_pixels`` are bad images (stopped at, or skipped and counted)."""
     t0 = time.monotonic()
     dest = Path(dest)
     if on_bad_image not in ("error", "skip"):
@@ -515,6 +513,8 @@ def write_dataset(source: _Source, dest: str | os.PathLike, *, overwrite: bool =
     plan = {"schema_version": SCHEMA_VERSION, "source": source.fingerprint, "num_rows": source.num_rows,
             "shard_rows": rows_per_shard, "num_shards": num_shards, "storage": source.storage,
             "class_names": source.class_names, "on_bad_image": on_bad_image}
+    if max_pixels != DataConfig().max_pixels:  # only then, so datasets planned before this option still match
+        plan["max_pixels"] = max_pixels
     state, meta = _prepare(dest, plan, overwrite)
     report = ConvertReport(str(dest), class_names=list(source.class_names))
     if state == "done":
@@ -554,7 +554,7 @@ def write_dataset(source: _Source, dest: str | os.PathLike, *, overwrite: bool =
         # spawn, not fork: the caller may be a threaded process (a Ray worker, a trainer).
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(n_workers, len(todo)), mp_context=ctx) as pool:
-            futures = [pool.submit(_write_shard, str(dest), k, payload(k), on_bad_image) for k in todo]
+            futures = [pool.submit(_write_shard, str(dest), k, payload(k), on_bad_image, max_pixels) for k in todo]
             try:
                 for fut in futures:
                     finished(fut.result())
@@ -564,7 +564,7 @@ def write_dataset(source: _Source, dest: str | os.PathLike, *, overwrite: bool =
                 raise
     else:
         for k in todo:
-            finished(_write_shard(str(dest), k, payload(k), on_bad_image))
+            finished(_write_shard(str(dest), k, payload(k), on_bad_image, max_pixels))
 
     shards = [infos[k] for k in range(num_shards)]
     counts: dict[str, int] = {}
@@ -604,7 +604,8 @@ def write_dataset(source: _Source, dest: str | os.PathLike, *, overwrite: bool =
 def convert(src: str | os.PathLike | None, dest: str | os.PathLike, *, builtin: str | None = None,
             overwrite: bool = False, shard_rows: int | None = None, workers: int | None = None,
             images_key: str | None = None, labels_key: str | None = None, on_bad_image: str = "error",
-            progress: bool = False, val_labels: str | os.PathLike | None = None) -> list[ConvertReport]:
+            progress: bool = False, val_labels: str | os.PathLike | None = None,
+            max_pixels: int = DataConfig().max_pixels) -> list[ConvertReport]:
     """Convert an image folder, a .npz file, a CIFAR python folder, an ImageNet-style train/val folder
     (see :mod:`simsiam.data.formats`) or a built-in set into shards under ``dest``.
 
@@ -646,6 +647,6 @@ def convert(src: str | os.PathLike | None, dest: str | os.PathLike, *, builtin: 
         out = dest / split if split else dest
         label = split or out.name
         reports.append(write_dataset(source, out, overwrite=overwrite, shard_rows=shard_rows, workers=workers,
-                                     on_bad_image=on_bad_image,
+                                     on_bad_image=on_bad_image, max_pixels=max_pixels,
                                      progress=_stderr_progress(label) if progress else None))
     return reports

@@ -1,9 +1,16 @@
-"""Look inside a shard dataset: schema, counts per class, shards and sizes, and PNG grids of samples
-and of augmented view pairs. Reads with pyarrow directly (no Ray), so it is quick on any machine."""
+"""Look inside a shard dataset: schema, counts per class, shards and sizes, repeated ids, and PNG grids
+of samples and of augmented view pairs; with :func:`check_rows`, decode every row as training would.
+Reads with pyarrow directly (no Ray), so it is quick on any machine."""
 from __future__ import annotations
 
 import io
 import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,7 +19,14 @@ from PIL import Image, ImageDraw
 
 from simsiam.config import DataConfig
 from simsiam.data.decode import BadImage, decode
-from simsiam.data.schema import DataError, filesystem, read_metadata, validate_shards
+from simsiam.data.schema import (
+    DataError,
+    describe_duplicates,
+    duplicate_ids,
+    filesystem,
+    read_metadata,
+    validate_shards,
+)
 from simsiam.io import atomic_write_bytes
 
 _HEADER_SAMPLE = 256  # encoded images whose headers are read for the size statistics
@@ -80,6 +94,8 @@ def summarize(path: str) -> dict[str, Any]:
     def stats(v: list[int]) -> dict[str, float] | None:
         return {"min": int(min(v)), "max": int(max(v)), "mean": round(float(np.mean(v)), 1)} if v else None
 
+    n_dup, dup_where = duplicate_ids(found.shards)
+
     return {
         "path": path,
         "schema": [f"{f.name}: {f.type}" for f in schema],
@@ -96,6 +112,8 @@ def summarize(path: str) -> dict[str, Any]:
             "encoded_height": stats(enc_h), "encoded_width": stats(enc_w),
         },
         "skipped_at_conversion": len(meta.get("skipped", [])) if meta else None,
+        "duplicate_ids": {"count": n_dup, "examples": {k: [[s, r] for s, r in v] for k, v in dup_where.items()},
+                          "text": describe_duplicates(n_dup, dup_where) if n_dup else ""},
         "shards": shards,
     }
 
@@ -114,12 +132,134 @@ def format_summary(s: dict[str, Any]) -> str:
                      f"height {im['encoded_height']}, width {im['encoded_width']}")
     if s["skipped_at_conversion"]:
         lines.append(f"  skipped as bad at conversion: {s['skipped_at_conversion']}")
+    if s["duplicate_ids"]["count"]:
+        lines.append(f"  PROBLEM: {s['duplicate_ids']['text']} (the schema requires unique ids)")
     lines.append("  shards:")
     lines += [f"    {sh['file']}  rows={sh['rows']}  row_groups={sh['row_groups']}  {sh['bytes'] / 2**20:.2f} MiB"
               for sh in s["shards"][:50]]
     if len(s["shards"]) > 50:
         lines.append(f"    ... and {len(s['shards']) - 50} more")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- every row
+
+
+@dataclass
+class BadRow:
+    """One row whose image training would reject."""
+
+    shard: str
+    row: int       # index of the row in its shard
+    id: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.shard}: row {self.row} id={self.id!r}: {self.reason}"
+
+
+@dataclass
+class RowCheck:
+    """What decoding every row of a dataset found."""
+
+    rows: int = 0
+    bad: list[BadRow] = field(default_factory=list)
+    bad_count: int = 0          # all bad rows; ``bad`` keeps the first MAX_LISTED of them
+    seconds: float = 0.0
+
+    MAX_LISTED = 10_000
+
+    @property
+    def clean(self) -> bool:
+        return self.bad_count == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "bad_count": self.bad_count, "seconds": round(self.seconds, 2),
+                "bad": [{"shard": b.shard, "row": b.row, "id": b.id, "reason": b.reason} for b in self.bad]}
+
+
+def _check_shard(shard: str, max_pixels: int, batch_rows: int = 64) -> tuple[int, list[BadRow], int]:
+    """Decode every row of one shard, a batch at a time (memory: one row group's pages plus one
+    batch). Returns (rows, bad rows (at most MAX_LISTED), bad count)."""
+    pf = _open(shard)
+    cols = [c for c in ("image", "id", "height", "width", "channels") if c in pf.schema_arrow.names]
+    n = count = 0
+    bad: list[BadRow] = []
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+        data = {c: batch.column(c).to_pylist() for c in cols}
+        none = [None] * batch.num_rows
+        for i, image in enumerate(data["image"]):
+            try:
+                decode(image, data.get("height", none)[i], data.get("width", none)[i], data.get("channels", none)[i],
+                       max_pixels)
+            except BadImage as e:
+                count += 1
+                if len(bad) < RowCheck.MAX_LISTED:
+                    bad.append(BadRow(shard, n + i, str(data["id"][i]), str(e)))
+        n += batch.num_rows
+    return n, bad, count
+
+
+def check_rows(path: str, max_pixels: int = DataConfig().max_pixels, workers: int | None = None,
+               progress: Callable[[int, int, int, int], None] | None = None) -> RowCheck:
+    """Decode every row of the dataset at ``path`` exactly as the training pipeline does (same decoder,
+    same ``max_pixels``), streaming shard by shard in up to ``workers`` processes (default: one per
+    core). ``progress(shards done, shards, rows done, bad so far)`` is called after each shard."""
+    t0 = time.monotonic()
+    found = validate_shards(path, "PATH")
+    out = RowCheck()
+    n_workers = min(workers or os.cpu_count() or 1, len(found.shards))
+
+    def take(result: tuple[int, list[BadRow], int], done: int) -> None:
+        rows, bad, count = result
+        out.rows += rows
+        out.bad_count += count
+        out.bad += bad[: RowCheck.MAX_LISTED - len(out.bad)]
+        if progress:
+            progress(done, len(found.shards), out.rows, out.bad_count)
+
+    if n_workers > 1:
+        import multiprocessing
+
+        # spawn, not fork: the caller may be a threaded process.
+        with ProcessPoolExecutor(max_workers=n_workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_check_shard, shard, max_pixels) for shard in found.shards]
+            for k, fut in enumerate(futures, 1):
+                take(fut.result(), k)
+    else:
+        for k, shard in enumerate(found.shards, 1):
+            take(_check_shard(shard, max_pixels), k)
+    out.seconds = time.monotonic() - t0
+    return out
+
+
+def stderr_progress(every_s: float = 5.0) -> Callable[[int, int, int, int], None]:
+    """A :func:`check_rows` progress callback printing a line to stderr at most every ``every_s``."""
+    state = {"last": 0.0}
+
+    def report(done: int, total: int, rows: int, bad: int) -> None:
+        now = time.monotonic()
+        if done < total and now - state["last"] < every_s:
+            return
+        state["last"] = now
+        print(f"  decoded {done}/{total} shards, {rows} rows, {bad} bad", file=sys.stderr, flush=True)
+
+    return report
+
+
+def format_row_check(check: RowCheck, max_lines: int = 50) -> str:
+    """The console report of :func:`check_rows`: a verdict, then each bad row by shard and row."""
+    if check.clean:
+        return f"  every row decodes: {check.rows} rows checked in {check.seconds:.1f} s"
+    lines = [f"  PROBLEM: {check.bad_count} of {check.rows} rows cannot be decoded (training stops at the first "
+             "unless data.on_bad_image=skip):"]
+    lines += [f"    {b}" for b in check.bad[:max_lines]]
+    if check.bad_count > max_lines:
+        lines.append(f"    ... and {check.bad_count - max_lines} more (--json lists up to {RowCheck.MAX_LISTED})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- sample grids
 
 
 def sample_rows(path: str, n: int, seed: int = 0, max_pixels: int = DataConfig().max_pixels

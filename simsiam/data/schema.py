@@ -220,6 +220,58 @@ def read_shard_schemas(shards: list[str], threads: int = 16) -> list[tuple[pa.Sc
         return list(pool.map(one, shards))
 
 
+def read_column(shard: str, column: str) -> pa.ChunkedArray:
+    """One column of one shard (only that column's pages are read)."""
+    fs, inner = filesystem(shard)
+    try:
+        with fs.open_input_file(inner) as f:
+            return pq.read_table(f, columns=[column]).column(column)
+    except (pa.ArrowInvalid, OSError, KeyError) as e:
+        raise DataError(f"{shard}: cannot read column {column!r}: {e}") from None
+
+
+def duplicate_ids(shards: list[str], limit: int = 5, threads: int = 16) -> tuple[int, dict[str, list[tuple[str, int]]]]:
+    """How many ids occur in more than one row of ``shards``, and where (shard, row index) the first
+    ``limit`` of them (in sorted order) occur. Reads only the ``id`` column."""
+    import pyarrow.compute as pc
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+        columns = [c.cast(pa.large_string()) for c in pool.map(lambda s: read_column(s, "id"), shards)]
+    chunks = [chunk for c in columns for chunk in c.chunks]
+    if not chunks:
+        return 0, {}
+    counts = pc.value_counts(pa.chunked_array(chunks, pa.large_string()))
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated) == 0:
+        return 0, {}
+    shown = pa.array(sorted(repeated.to_pylist())[:limit], pa.large_string())
+    where: dict[str, list[tuple[str, int]]] = {v: [] for v in shown.to_pylist()}
+    for shard, col in zip(shards, columns, strict=True):
+        flat = col.combine_chunks()
+        for i in pc.indices_nonzero(pc.is_in(flat, value_set=shown)).to_pylist():
+            where[flat[i].as_py()].append((shard, int(i)))
+    return len(repeated), where
+
+
+def describe_duplicates(count: int, where: dict[str, list[tuple[str, int]]]) -> str:
+    """``"3 ids occur more than once: 'a' (part-00000.parquet row 3, part-00001.parquet row 0); ..."``"""
+    examples = "; ".join(f"{i!r} (" + ", ".join(f"{posixpath.basename(s)} row {r}" for s, r in rows) + ")"
+                         for i, rows in where.items())
+    more = f"; and {count - len(where)} more" if count > len(where) else ""
+    return f"{count} id{'s' if count != 1 else ''} occur{'' if count != 1 else 's'} more than once: {examples}{more}"
+
+
+def check_unique_ids(path: str, what: str = "data.path") -> None:
+    """Raise :class:`DataError` naming the repeated ids and their shards and rows when two rows of the
+    dataset at ``path`` share an ``id`` (the schema requires unique ids: checkpoints, skip lists and
+    evaluations refer to rows by id). Reads only the ``id`` column of every shard."""
+    shards = list_shards(path, what)
+    count, where = duplicate_ids(shards)
+    if count:
+        raise DataError(f"{what}: {path}: {describe_duplicates(count, where)}; the schema requires unique ids "
+                        "- reconvert the source, or remove the repeated rows")
+
+
 @dataclass
 class ShardSet:
     """A validated dataset: its shard paths, the shard columns they all share, rows and bytes."""
