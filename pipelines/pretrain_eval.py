@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from simsiam import config as C
+from simsiam import io as sio
 from simsiam.io import atomic_write_json
 
 
@@ -48,6 +49,8 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
     out_dir.mkdir(parents=True, exist_ok=True)
     storage = cfg.run.storage_path or str(out_dir / "ray")
     C.dump(cfg, out_dir / "config.yaml")
+    sio.check_locations({"data.path": cfg.data.path, "data.eval_path": cfg.data.eval_path},
+                        {"run.storage_path": cfg.run.storage_path})
     where = init_ray(address)
     print(f"[simsiam] running '{cfg.run.name}' on {where}", flush=True)
     train_path, eval_path = resolve_paths(cfg.data)
@@ -85,12 +88,9 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
             results.update(status="failed", reason=f"linear evaluation failed: {type(e).__name__}: {e}")
     results["wall_s"] = round(time.time() - t0, 2)
     atomic_write_json(out_dir / "results.json", results)
-    if "://" in storage:
+    if sio.is_uri(storage):
         # On a cluster the out-dir is the head's local disk (gone with a KubeRay pod): keep a copy by the run.
-        import pyarrow.fs as pafs
-        fs, root = pafs.FileSystem.from_uri(f"{storage.rstrip('/')}/{cfg.run.name}")
-        with fs.open_output_stream(f"{root}/results.json") as f:
-            f.write((out_dir / "results.json").read_bytes())
+        atomic_write_json(sio.join(storage, cfg.run.name, "results.json"), results)
     return results
 
 
@@ -102,7 +102,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.pretrai
         print(f"config error: {e}", file=sys.stderr)
         return 2
     out_dir = args.out_dir or os.path.join("runs", cfg.run.name)
-    res = run(cfg, out_dir, args.address)
+    try:
+        res = run(cfg, out_dir, args.address)
+    except sio.StorageError as e:
+        print(f"storage error: {e}", file=sys.stderr)
+        return 2
     top1 = f"{res['linear_top1']:.2f}%" if res["linear_top1"] is not None else "n/a"
     print(f"[simsiam] {res['status']}: {res['epochs_completed']} epochs, linear top-1 {top1}, "
           f"wall {res['wall_s']:.0f} s" + (f" ({res['reason']})" if res["reason"] else ""))

@@ -127,6 +127,18 @@ def check_access(path: str, what: str, *, write: bool = False) -> None:
         raise StorageError(f"{what}: {describe_error(path, e)}") from None
 
 
+def check_locations(reads: dict[str, str], writes: dict[str, str] | None = None) -> None:
+    """:func:`check_access` for every object-store location a run will use, keyed by the setting that names
+    it (``{"data.path": "s3://..."}``); ``writes`` are also checked for creating objects. Call before
+    starting Ray, so wrong credentials fail in a second, not after the cluster and workers are up."""
+    for what, loc in reads.items():
+        if loc and is_object_store(loc):
+            check_access(loc, what)
+    for what, loc in (writes or {}).items():
+        if loc and is_object_store(loc):
+            check_access(loc, what, write=True)
+
+
 # ----------------------------------------------------------------------------------------- reading
 
 

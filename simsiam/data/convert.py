@@ -2,8 +2,10 @@
 
 Rules every conversion follows:
 
-- Each shard is written to a temp name and renamed into place, and ``_simsiam.json`` is written last,
-  so a reader never sees half a shard and a dataset without its metadata is known to be unfinished.
+- DEST is a local directory or an object-store URI (s3://, gs://; see simsiam/io.py). Each shard is
+  written atomically - locally to a temp name renamed into place, on an object store as one upload -
+  and ``_simsiam.json`` is written last, so a reader never sees half a shard and a dataset without its
+  metadata is known to be unfinished.
 - The plan (source fingerprint, rows per shard, options) is saved first as ``_simsiam.convert.json``.
   Rerunning the same command after an interruption keeps every finished shard and writes the rest;
   rows map to shards deterministically, so nothing is duplicated or lost.
@@ -31,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from simsiam import io as sio
 from simsiam.config import DataConfig
 from simsiam.data.decode import BadImage, decode
 from simsiam.data.schema import (
@@ -380,7 +383,7 @@ def _write_shard(dest: str, index: int, payload: tuple, on_bad_image: str, max_p
         write_statistics=["label", "height", "width", "channels"],
     )
     data = buf.getvalue().to_pybytes()
-    path = os.path.join(dest, shard_name(index))
+    path = sio.join(dest, shard_name(index))
     atomic_write_bytes(path, data)
     _publish(path)
     return _shard_info(index, table, len(data), skipped)
@@ -388,7 +391,8 @@ def _write_shard(dest: str, index: int, payload: tuple, on_bad_image: str, max_p
 
 def _publish(path: str | os.PathLike) -> None:
     # Temp files are created private (0600); shards are meant to be read by other users and services.
-    os.chmod(path, 0o644)
+    if not sio.is_uri(path):
+        os.chmod(path, 0o644)
 
 
 def _shard_info(index: int, table_or_labels: Any, nbytes: int, skipped: list) -> dict[str, Any]:
@@ -401,17 +405,19 @@ def _shard_info(index: int, table_or_labels: Any, nbytes: int, skipped: list) ->
 
 def _read_done_shard(dest: str, index: int) -> dict[str, Any] | None:
     """Info of a shard an earlier run finished, or None if it is absent or unreadable."""
-    path = os.path.join(dest, shard_name(index))
-    if not os.path.exists(path):
-        return None
+    path = sio.join(dest, shard_name(index))
     try:
-        pf = pq.ParquetFile(path)
-        labels = pf.read(columns=["label"]).column("label").to_numpy()
-        raw = (pf.schema_arrow.metadata or {}).get(b"simsiam.skipped", b"[]")
+        with sio.open_input(path) as f:
+            size = f.size()
+            pf = pq.ParquetFile(f)
+            labels = pf.read(columns=["label"]).column("label").to_numpy()
+            raw = (pf.schema_arrow.metadata or {}).get(b"simsiam.skipped", b"[]")
         skipped = [tuple(x) for x in json.loads(raw)]
+    except FileNotFoundError:
+        return None
     except (pa.ArrowInvalid, OSError, ValueError):
         return None
-    return _shard_info(index, labels, os.path.getsize(path), skipped)
+    return _shard_info(index, labels, size, skipped)
 
 
 # --------------------------------------------------------------------------- the writer
@@ -423,13 +429,15 @@ def _is_ours(name: str) -> bool:
             and name.endswith(".tmp"))
 
 
-def _clear(dest: Path) -> None:
-    foreign = [n for n in os.listdir(dest) if not _is_ours(n)]
+def _clear(dest: str) -> None:
+    present = sio.names(dest)
+    foreign = [n for n in present if not _is_ours(n)]
     if foreign:
         raise DataError(f"DEST {dest}: also holds files this tool did not write ({', '.join(sorted(foreign)[:3])}"
                         f"{', ...' if len(foreign) > 3 else ''}); refusing to delete them - choose another DEST")
-    for n in os.listdir(dest):
-        os.unlink(dest / n)
+    # The metadata first: from then on the dataset reads as unfinished, never as complete with shards missing.
+    for n in sorted(present, key=lambda n: n != METADATA_FILE):
+        sio.remove(sio.join(dest, n))
 
 
 def _default_shard_rows(source: _Source) -> int:
@@ -438,19 +446,26 @@ def _default_shard_rows(source: _Source) -> int:
     return int(min(by_bytes, by_count))
 
 
-def _prepare(dest: Path, plan: dict, overwrite: bool) -> tuple[str, dict | None]:
+def _read_json_or(path: str, default: Any) -> Any:
+    try:
+        return sio.read_json(path, default)
+    except (OSError, ValueError):
+        return default
+
+
+def _prepare(dest: str, plan: dict, overwrite: bool) -> tuple[str, dict | None]:
     """Decide what to do with DEST: ("fresh" | "resume" | "done", existing metadata)."""
-    if dest.exists() and not dest.is_dir():
-        raise DataError(f"DEST {dest}: exists and is not a directory")
-    if not dest.exists() or not os.listdir(dest):
-        dest.mkdir(parents=True, exist_ok=True)
+    try:
+        if sio.is_file(dest):
+            raise DataError(f"DEST {dest}: exists and is not a directory")
+        names = set(sio.names(dest))
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"DEST {sio.describe_error(dest, e)}") from None
+    if not names:
+        sio.make_dirs(dest)
         return "fresh", None
-    names = set(os.listdir(dest))
     if METADATA_FILE in names:
-        try:
-            meta = json.loads((dest / METADATA_FILE).read_text())
-        except (OSError, ValueError):
-            meta = {}
+        meta = _read_json_or(sio.join(dest, METADATA_FILE), {})
         if overwrite:
             _clear(dest)
             return "fresh", None
@@ -460,10 +475,7 @@ def _prepare(dest: Path, plan: dict, overwrite: bool) -> tuple[str, dict | None]
         raise DataError(f"DEST {dest}: already holds a converted dataset (from {origin}); pass --overwrite to "
                         "replace it")
     if PLAN_FILE in names:
-        try:
-            old = json.loads((dest / PLAN_FILE).read_text())
-        except (OSError, ValueError):
-            old = None
+        old = _read_json_or(sio.join(dest, PLAN_FILE), None)
         if old == plan and not overwrite:
             return "resume", None
         if overwrite:
@@ -503,7 +515,7 @@ def write_dataset(source: _Source, dest: str | os.PathLike, *, overwrite: bool =
     """Write one source as a dataset directory (shards + ``_simsiam.json``), resuming when possible.
     Source images over ``max_pixels`` are bad images (stopped at, or skipped and counted)."""
     t0 = time.monotonic()
-    dest = Path(dest)
+    dest = sio.absolute(dest)
     if on_bad_image not in ("error", "skip"):
         raise DataError(f"on_bad_image: {on_bad_image!r} is not allowed; choose error or skip")
     rows_per_shard = int(shard_rows) if shard_rows else _default_shard_rows(source)
@@ -524,16 +536,16 @@ def write_dataset(source: _Source, dest: str | os.PathLike, *, overwrite: bool =
         return report
     infos: dict[int, dict] = {}
     if state == "resume":
-        for n in os.listdir(dest):
-            if n.endswith(".tmp"):  # left by a writer that was killed mid-write
-                os.unlink(dest / n)
+        for n in sio.names(dest):
+            if n.endswith(".tmp"):  # left by a local writer that was killed mid-write
+                sio.remove(sio.join(dest, n))
         for k in range(num_shards):
             info = _read_done_shard(str(dest), k)
             if info is not None:
                 infos[k] = info
         report.reused_shards = len(infos)
     else:
-        atomic_write_json(dest / PLAN_FILE, plan)
+        atomic_write_json(sio.join(dest, PLAN_FILE), plan)
     todo = [k for k in range(num_shards) if k not in infos]
 
     def payload(k: int) -> tuple:
@@ -591,9 +603,9 @@ def write_dataset(source: _Source, dest: str | os.PathLike, *, overwrite: bool =
         "plan": plan,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    atomic_write_json(dest / METADATA_FILE, metadata)
-    _publish(dest / METADATA_FILE)
-    os.unlink(dest / PLAN_FILE)
+    atomic_write_json(sio.join(dest, METADATA_FILE), metadata)
+    _publish(sio.join(dest, METADATA_FILE))
+    sio.remove(sio.join(dest, PLAN_FILE))
     report.seconds = time.monotonic() - t0
     return report
 
@@ -615,7 +627,7 @@ def convert(src: str | os.PathLike | None, dest: str | os.PathLike, *, builtin: 
     """
     from simsiam.data import formats
 
-    dest = Path(dest)
+    dest = sio.absolute(dest)
     if builtin is not None:
         if builtin != "digits":
             raise DataError(f"--builtin {builtin!r}: unknown; available: digits")
@@ -644,8 +656,8 @@ def convert(src: str | os.PathLike | None, dest: str | os.PathLike, *, builtin: 
                 sources = {None: _folder_source(src)}
     reports = []
     for split, source in sources.items():
-        out = dest / split if split else dest
-        label = split or out.name
+        out = sio.join(dest, split) if split else dest
+        label = split or out.rstrip("/").rsplit("/", 1)[-1]
         reports.append(write_dataset(source, out, overwrite=overwrite, shard_rows=shard_rows, workers=workers,
                                      on_bad_image=on_bad_image, max_pixels=max_pixels,
                                      progress=_stderr_progress(label) if progress else None))
