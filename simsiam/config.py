@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,24 @@ PRESETS = ("sample", "cifar10", "imagenet")
 
 class ConfigError(ValueError):
     """An invalid configuration: the message names the field, the value and what is allowed."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML's safe loader that also reads ``1e-3`` as a number. PyYAML follows YAML 1.1, where a float
+    needs a dot (``1.0e-3``) and ``1e-3`` is a string; scientific notation is how people write learning
+    rates and weight decays, and YAML 1.2 (and JSON) read it as a number."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML text (safe: plain data only), reading scientific notation such as ``1e-3`` as numbers.
+    Every config, override and search space is read with this."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
 
 
 def _f(default: Any, help: str, **rules: Any) -> Any:
@@ -194,6 +213,8 @@ def _check_value(path: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
     elif tp is int:
+        if isinstance(value, float) and value.is_integer():  # 1e6 reads as a float
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
     elif tp is float:
@@ -317,7 +338,7 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
         raise ConfigError(f"{key}: unknown config key in override{hint}")
     if isinstance(value, str) and not isinstance(node[parts[-1]], str):
         try:
-            value = yaml.safe_load(value)
+            value = yaml_load(value)
         except yaml.YAMLError as e:
             raise ConfigError(f"{key}: cannot parse {value!r}: {e}") from None
     node[parts[-1]] = value
@@ -351,7 +372,7 @@ def load(name_or_path: str | os.PathLike | None = None, overrides: Mapping[str, 
     """Load a preset or YAML file, apply overrides (a mapping or ``k=v`` strings), validate."""
     path = resolve_preset(name_or_path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(overrides, Mapping):
@@ -369,8 +390,9 @@ def dump(cfg: Config, path: str | os.PathLike) -> None:
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def describe() -> list[tuple[str, Any, str]]:
-    """(dotted name, default, help) for every field - used by ``simsiam config --list``."""
+def describe(cfg: Config | None = None) -> list[tuple[str, Any, str]]:
+    """(dotted name, value, help) for every field: ``cfg``'s values, or the library defaults - used by
+    ``simsiam config --list``."""
     rows = []
 
     def walk(tp: type, obj: Any, prefix: str) -> None:
@@ -382,5 +404,5 @@ def describe() -> list[tuple[str, Any, str]]:
                 extra = f" [{'|'.join(map(str, f.metadata['choices']))}]" if "choices" in f.metadata else ""
                 rows.append((prefix + f.name, getattr(obj, f.name), f.metadata.get("help", "") + extra))
 
-    walk(Config, Config(), "")
+    walk(Config, cfg if cfg is not None else Config(), "")
     return rows

@@ -151,6 +151,8 @@ def field_spec(name: str) -> tuple[Any, Mapping[str, Any]]:
 
 
 def _number(src: str, name: str, key: str, value: Any, integer: bool) -> float | int:
+    if integer and isinstance(value, float) and value.is_integer():  # 1e3 reads as a float
+        value = int(value)
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value)):
         kind = "an integer" if integer else "a finite number"
@@ -185,12 +187,13 @@ def _parse_param(src: str, name: str, spec: Any) -> Param:
             raise SpaceError(f"{src}: {name}.values: expected a non-empty list, got {values!r}")
         if len(set(map(repr, values))) != len(values):
             raise SpaceError(f"{src}: {name}.values: duplicates in {values!r}")
+        checked = []
         for v in values:
             try:
-                C._check_value(name, v, tp, meta)
+                checked.append(C._check_value(name, v, tp, meta))
             except C.ConfigError as e:
                 raise SpaceError(f"{src}: {name}.values: {e}") from None
-        return Param(name, dist, values=tuple(values))
+        return Param(name, dist, values=tuple(checked))
     if tp in (bool, str):
         raise SpaceError(f"{src}: {name}: a {tp.__name__} field can only be searched with distribution: choice")
     integer = dist in ("int", "logint")
@@ -229,18 +232,19 @@ def _check_point(src: str, i: int, point: Any, params: Mapping[str, Param]) -> d
         raise SpaceError(f"{src}: points_to_evaluate[{i}]: {', '.join(unknown)} not in the space's params")
     if missing:
         raise SpaceError(f"{src}: points_to_evaluate[{i}]: give every parameter; missing {', '.join(missing)}")
+    out = {}
     for name, value in point.items():
         p = params[name]
         tp, meta = field_spec(name)
         try:
-            C._check_value(name, value, tp, meta)
+            value = out[name] = C._check_value(name, value, tp, meta)
         except C.ConfigError as e:
             raise SpaceError(f"{src}: points_to_evaluate[{i}]: {e}") from None
         # Numeric points may lie outside [low, high] on purpose (to probe a known-bad region);
         # a categorical value outside its choices has no meaning to the sampler.
         if p.distribution == "choice" and value not in p.values:
             raise SpaceError(f"{src}: points_to_evaluate[{i}]: {name}: {value!r} is not one of {list(p.values)}")
-    return dict(point)
+    return out
 
 
 def parse_space(data: Any, source: str = "<space>", base: C.Config | None = None) -> SearchSpace:
@@ -290,7 +294,7 @@ def load_space(path: str | os.PathLike, base: C.Config | None = None) -> SearchS
     if not p.is_file():
         raise SpaceError(f"search space {str(path)!r}: no such file (see tune_spaces/ for examples)")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = C.yaml_load(p.read_text())
     except yaml.YAMLError as e:
         raise SpaceError(f"{p}: not valid YAML: {e}") from None
     return parse_space(data, str(p), base)

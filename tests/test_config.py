@@ -105,3 +105,46 @@ def test_describe_lists_every_leaf_with_help():
     names = [r[0] for r in rows]
     assert "train.collapse_guard.rank_ratio" in names and "eval.linear.optimizer" in names
     assert all(help_ for _, _, help_ in rows)
+
+
+def test_scientific_notation_is_a_number_everywhere(tmp_path, capsys):
+    # --set: YAML 1.1 alone would read 1e-3 as the string '1e-3' and refuse it.
+    cfg = load("sample", ["optim.base_lr=1e-3", "optim.weight_decay=5E-4", "data.max_pixels=1e6",
+                          "train.collapse_guard.std_ratio=+2.5e-1"])
+    assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.data.max_pixels) == (0.001, 0.0005, 1_000_000)
+    assert type(cfg.data.max_pixels) is int and cfg.train.collapse_guard.std_ratio == 0.25
+    assert load("sample", ["run.name=1e3"]).run.name == "1e3"  # a string field keeps the text
+    with pytest.raises(ConfigError, match=r"train.epochs: expected an integer, got 1500.5"):
+        load("sample", ["train.epochs=1.5005e3"])
+    # YAML files (and what dump writes reads back the same).
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  base_lr: 3e-2\n  weight_decay: 1.5e-6\ntrain:\n  epochs: 2e2\n")
+    cfg = load(str(f))
+    assert (cfg.optim.base_lr, cfg.optim.weight_decay, cfg.train.epochs) == (0.03, 1.5e-6, 200)
+    C.dump(cfg, tmp_path / "d.yaml")
+    assert load(str(tmp_path / "d.yaml")) == cfg
+    # The CLI.
+    from simsiam.config_cli import main as config_main
+    assert config_main(["sample", "--set", "optim.base_lr=1e-3"]) == 0
+    assert "base_lr: 0.001" in capsys.readouterr().out
+
+
+def test_config_list_shows_the_presets_values(capsys):
+    from simsiam.config_cli import main as config_main
+
+    def listed(*argv: str) -> dict[str, tuple[bool, str]]:
+        assert config_main(["--list", *argv]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith(f"# {argv[0] if argv else 'sample'}")
+        rows = {}
+        for line in out[1:]:
+            name, rest = line.split(None, 1)
+            rows[name] = (rest.startswith("*"), rest.lstrip("* ").split()[0])
+        return rows
+
+    c10 = listed("cifar10")
+    assert c10["model.backbone"] == (True, "'resnet18'") and c10["model.cifar_stem"] == (True, "True")
+    assert c10["optim.base_lr"] == (True, "0.03") and c10["loss.symmetric"] == (False, "True")
+    assert len(c10) == len(C.describe())
+    assert listed()["model.backbone"] == (True, "'small'")  # the sample preset, as `simsiam config` shows
+    assert listed("imagenet", "--set", "train.epochs=7")["train.epochs"] == (True, "7")

@@ -168,3 +168,15 @@ def test_field_spec_walks_nested_sections():
     assert tp is int and meta["ge"] == 1
     with pytest.raises(C.ConfigError, match="unknown config field"):
         S.field_spec("train.collapse_guard.nope")
+
+
+def test_scientific_notation_in_a_space_file(tmp_path):
+    f = tmp_path / "s.yaml"
+    f.write_text("params:\n  optim.base_lr: {distribution: loguniform, low: 1e-3, high: 1E-1}\n"
+                 "  data.max_pixels: {distribution: int, low: 1e5, high: 1e6}\n"
+                 "points_to_evaluate:\n  - {optim.base_lr: 5e-2, data.max_pixels: 5e5}\n")
+    space = S.load_space(f, C.load("sample"))
+    lr, px = space.params["optim.base_lr"], space.params["data.max_pixels"]
+    assert (lr.low, lr.high, px.low, px.high) == (0.001, 0.1, 100_000, 1_000_000) and type(px.low) is int
+    point = space.points_to_evaluate[0]
+    assert point == {"optim.base_lr": 0.05, "data.max_pixels": 500_000} and type(point["data.max_pixels"]) is int
