@@ -5,18 +5,17 @@ schedule - a pure function of epoch, step and config - resumes where it stopped)
 RNG states and free-form ``extra``. Only tensors and plain Python containers go in, so loading never
 runs pickled code.
 
-``simsiam export CKPT OUT.pt`` writes the backbone as a plain state_dict: for torchvision backbones the
-backbone module *is* torchvision's ResNet with ``fc = Identity``, so the keys are torchvision's and
-``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` reports only fc missing.
+:func:`export_backbone` (``simsiam export``, :mod:`simsiam.export_cli`) writes the backbone as a plain
+state_dict: for torchvision backbones the backbone module *is* torchvision's ResNet with ``fc =
+Identity``, so the keys are torchvision's and ``torchvision.models.resnet50().load_state_dict(sd,
+strict=False)`` reports only fc missing; the small backbone's keys are :class:`simsiam.model.SmallResNet`'s.
 """
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import pickle
 import random
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -108,25 +107,68 @@ def resolve(path: str | os.PathLike) -> Path:
     return p
 
 
+EXPECTED = (f"expected a SimSiam checkpoint: the {CHECKPOINT_NAME} of a run's checkpoint directory "
+            "(<storage>/<run name>/checkpoint_*/), a dict with model (a state_dict), optimizer, epoch, step, config")
+
+_MAGIC = ((b"\x93NUMPY", "a NumPy .npy array"), (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
+          (b"PAR1", "a Parquet file"), (b"GIF8", "a GIF image"), (b"\x1f\x8b", "a gzip file"),
+          (b"PK\x03\x04", "a zip archive"), (b"\x80", "a Python pickle"))
+
+
+def _what_file(p: Path) -> str:
+    """A few words on what a file that failed to load looks like, from its first bytes."""
+    with open(p, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file (0 bytes)"
+    for magic, what in _MAGIC:
+        if head.startswith(magic):
+            return what
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return "a binary file of unknown format"
+
+
 def load(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint (file or directory holding ``checkpoint.pt``) onto the CPU, with
-    ``weights_only=True`` so a tampered file cannot execute code."""
+    ``weights_only=True`` so a tampered file cannot execute code. Anything else - an empty file, another
+    format, a torch file holding something else - is a ``ValueError`` saying what the file is."""
     p = resolve(path)
     try:
         obj = torch.load(p, weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise ValueError(f"{p}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError as e:
+        # torch's message here is a page on weights_only; one of its lines names the offending object.
+        detail = [ln.strip() for ln in str(e).splitlines()
+                  if ln.strip().startswith(("WeightsUnpickler", "Unsupported"))]
+        why = detail[-1] if detail else "refused by torch.load(weights_only=True)"
+        raise ValueError(f"{p}: {_what_file(p)} that holds objects other than tensors and plain values ({why}); "
+                         f"{EXPECTED}") from None
+    except Exception as e:  # noqa: BLE001 - torch.load fails with Index/Key/EOF/Runtime errors on non-torch files
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{p}: {_what_file(p)}, not a torch checkpoint (torch.load: {type(e).__name__}"
+                         f"{': ' + first if first else ''}); {EXPECTED}") from None
     if not isinstance(obj, dict) or "model" not in obj:
-        raise ValueError(f"{p}: not a SimSiam checkpoint (no 'model' entry)")
+        kind = f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+        raise ValueError(f"{p}: a torch file holding {kind}, not a SimSiam checkpoint (no 'model' entry); "
+                         f"{EXPECTED}")
+    model = obj["model"]
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        kind = type(model).__name__ if not isinstance(model, dict) else "a dict whose values are not all tensors"
+        raise ValueError(f"{p}: its 'model' entry is {kind}, not a state_dict (parameter name -> tensor); "
+                         f"{EXPECTED}")
     return obj
 
 
 def checkpoint_config(ckpt: dict[str, Any], where: str = "checkpoint") -> Config:
     """The validated :class:`Config` stored in a checkpoint."""
+    if "config" not in ckpt:
+        raise ValueError(f"{where}: has no 'config' entry (needed to know the backbone); {EXPECTED}")
     try:
         return from_dict(ckpt["config"])
-    except (KeyError, ConfigError) as e:
-        raise ValueError(f"{where}: bad or missing config: {e}") from None
+    except ConfigError as e:
+        raise ValueError(f"{where}: its config is not valid for this version of simsiam: {e}") from None
 
 
 def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -150,7 +192,8 @@ def _check_torchvision_keys(sd: dict[str, torch.Tensor], cfg: Config, where: str
         raise ValueError(f"{where}: backbone shapes differ from torchvision {m.backbone} at {sorted(bad)[:5]}")
 
 
-def _export(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> tuple[list[str], Config]:
+def export(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> tuple[list[str], Config]:
+    """:func:`export_backbone`, also returning the run's config (which says how to load the export)."""
     ckpt = load(ckpt_path)
     cfg = checkpoint_config(ckpt, str(ckpt_path))
     sd = backbone_state_dict(ckpt["model"])
@@ -169,40 +212,18 @@ def export_backbone(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -
 
     For torchvision backbones the keys are checked against torchvision's model first. The 'small'
     backbone has no torchvision counterpart; its export uses SimSiam's own module names."""
-    return _export(ckpt_path, out_path)[0]
+    return export(ckpt_path, out_path)[0]
 
 
-def _parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description="Export a SimSiam checkpoint's backbone as a plain state_dict. For resnet18/34/50 the keys "
-                    "are torchvision's: torchvision.models.resnet50().load_state_dict(torch.load(OUT), "
-                    "strict=False) loads it with only fc.weight and fc.bias missing. (A cifar_stem backbone "
-                    "needs conv1 replaced by a 3x3 stride-1 conv and maxpool by Identity first.)")
-    p.add_argument("ckpt", metavar="CKPT", help=f"checkpoint file, or a Ray checkpoint directory holding "
-                                                f"{CHECKPOINT_NAME}")
-    p.add_argument("out", metavar="OUT.pt", help="where to write the backbone state_dict (written atomically)")
-    return p
-
-
-def main(argv: list[str] | None = None, prog: str = "simsiam export") -> int:
-    """``simsiam export CKPT OUT.pt``."""
-    args = _parser(prog).parse_args(argv)
-    try:
-        keys, cfg = _export(args.ckpt, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    backbone = cfg.model.backbone
-    if backbone == "small":
-        how = "loads into simsiam.model.SmallResNet with the run's small_width"
-    else:
-        how = f"loads into torchvision.models.{backbone}() with strict=False, only fc missing"
-        if cfg.model.cifar_stem:
-            how += ", after swapping in the CIFAR stem (3x3 stride-1 conv1, no max-pool)"
-    print(f"wrote {len(keys)} tensors to {args.out} (backbone {backbone}; {how})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def how_to_load(cfg: Config) -> str:
+    """One line on how to load an export of a run with config ``cfg`` (what the README shows)."""
+    m = cfg.model
+    if m.backbone == "small":
+        return (f"load it strictly into simsiam.model.SmallResNet(width={m.small_width}): "
+                f"net.load_state_dict(torch.load(OUT, weights_only=True))")
+    how = (f"load it into torchvision.models.{m.backbone}() with load_state_dict(torch.load(OUT, weights_only=True), "
+           "strict=False): only fc.weight and fc.bias are missing")
+    if m.cifar_stem:
+        how += (" - after swapping in the CIFAR stem: net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
+                "net.maxpool = nn.Identity()")
+    return how

@@ -13,7 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retrain": ("pipelines.retrain", "scheduled retraining: new shards, warm start, promote if better"),
     "submit": ("simsiam.submit", "submit a pipeline to a Ray cluster with the Jobs SDK"),
     "data": ("simsiam.data.cli", "convert datasets to Parquet shards and inspect them"),
-    "export": ("simsiam.checkpoint", "export a checkpoint's backbone as a torchvision state_dict"),
+    "export": ("simsiam.export_cli", "export a checkpoint's backbone as a torchvision state_dict"),
     "config": ("simsiam.config_cli", "show a resolved config or list every field"),
 }
 

@@ -141,31 +141,6 @@ def test_load_errors_name_the_path(tmp_path):
         ck.load(tmp_path / "other.pt")
 
 
-def test_export_resnet50_loads_into_torchvision_with_only_fc_missing(tmp_path, capsys):
-    cfg = load_config("imagenet", {"model.dim": 64, "model.pred_dim": 16, "model.proj_layers": 2})
-    torch.manual_seed(0)
-    model = SimSiam(cfg.model)
-    with torch.no_grad():  # make BN buffers non-default so the check that they travel means something
-        model.backbone.bn1.running_mean.uniform_()
-    run_dir = tmp_path / "checkpoint_000001"
-    ck.save(run_dir / "checkpoint.pt", ck.state(model, build_optimizer(model, cfg.optim), 0, 0, cfg))
-
-    from simsiam.cli import main as cli_main
-    assert cli_main(["export", str(run_dir), str(tmp_path / "r50.pt")]) == 0
-    assert "torchvision.models.resnet50()" in capsys.readouterr().out
-    sd = torch.load(tmp_path / "r50.pt", weights_only=True)
-    net = torchvision.models.resnet50()
-    result = net.load_state_dict(sd, strict=False)
-    assert set(result.missing_keys) == {"fc.weight", "fc.bias"}
-    assert result.unexpected_keys == []
-    for k, v in model.backbone.state_dict().items():
-        assert torch.equal(net.state_dict()[k], v), k
-    # same features as the SimSiam backbone, with torchvision's fc removed
-    net.fc = nn.Identity()
-    x = torch.randn(2, 3, 64, 64)
-    torch.testing.assert_close(net.eval()(x), model.backbone.eval()(x))
-
-
 def test_export_cifar_stem_and_small_backbones(tmp_path):
     cfg = load_config("cifar10", {"model.dim": 32, "model.pred_dim": 8})
     model = SimSiam(cfg.model)
@@ -185,11 +160,109 @@ def test_export_cifar_stem_and_small_backbones(tmp_path):
 
 
 def test_export_command_help_and_errors(tmp_path, capsys):
+    from simsiam.export_cli import main as export_main
+
     with pytest.raises(SystemExit) as e:
-        ck.main(["--help"], prog="simsiam export")
+        export_main(["--help"], prog="simsiam export")
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "simsiam export" in out and "CKPT" in out and "torchvision" in out
-    assert ck.main([str(tmp_path / "missing"), str(tmp_path / "out.pt")]) == 2
+    assert "simsiam export" in out and "CKPT" in out and "torchvision" in out and "SmallResNet" in out
+    assert export_main([str(tmp_path / "missing"), str(tmp_path / "out.pt")]) == 2
     assert "missing" in capsys.readouterr().err
     assert not (tmp_path / "out.pt").exists()
+
+
+def _bad_files(d):
+    """Files that are not SimSiam checkpoints, and the words the export's error must use for each."""
+    (d / "empty.pt").write_bytes(b"")
+    (d / "notes.txt").write_text("hello, not a checkpoint\n")
+    np.save(d / "arr.npy", np.zeros(3))
+    torch.save([1, 2, 3], d / "list.pt")
+    torch.save({"model": "weights.bin", "config": {}}, d / "str_model.pt")
+    torch.save({"state_dict": {"w": torch.zeros(1)}}, d / "other_dict.pt")
+    cfg = tiny_cfg()
+    torch.save({"model": SimSiam(cfg.model).state_dict()}, d / "no_config.pt")
+    return {"empty.pt": "an empty file (0 bytes), not a torch checkpoint",
+            "notes.txt": "a text file, not a torch checkpoint",
+            "arr.npy": "a NumPy .npy array that holds objects other than tensors",
+            "list.pt": "a torch file holding a list, not a SimSiam checkpoint (no 'model' entry)",
+            "str_model.pt": "its 'model' entry is str, not a state_dict",
+            "other_dict.pt": "a torch file holding a dict with keys ['state_dict'], not a SimSiam checkpoint",
+            "no_config.pt": "has no 'config' entry"}
+
+
+def test_export_of_a_file_that_is_not_a_checkpoint_says_what_it_is(tmp_path, capsys):
+    """No raw KeyError / IndexError / AttributeError: one line naming the file, what it is, what was expected."""
+    from simsiam.export_cli import main as export_main
+
+    for name, words in _bad_files(tmp_path).items():
+        assert export_main([str(tmp_path / name), str(tmp_path / "out.pt")]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith(f"simsiam export: error: {tmp_path / name}: {words}"), err
+        assert "expected a SimSiam checkpoint" in err and "Traceback" not in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out.pt").exists()
+
+
+def _readme_export_blocks() -> list[str]:
+    """The python blocks of the README's Export section, in order."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Export", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
+
+
+def test_readme_export_recipes_load_each_backbone_exactly_as_written(tmp_path, monkeypatch, capsys):
+    """Export through the CLI, then run the README's own code: the torchvision recipe for ResNet-50, the
+    strict SmallResNet one for the sample preset (same features as the SimSiam backbone, BN buffers
+    included); and each recipe refuses the other backbone's export."""
+    from simsiam.cli import main as cli_main
+
+    torchvision_block, small_block = _readme_export_blocks()
+    monkeypatch.chdir(tmp_path)
+    exports = {}
+    for name, cfg in (("resnet50", load_config("imagenet", {"model.dim": 64, "model.pred_dim": 16})),
+                      ("small", load_config("sample"))):
+        torch.manual_seed(0)
+        model = SimSiam(cfg.model)
+        with torch.no_grad():  # non-default BN buffers, so that their travel is checked too
+            for m in model.backbone.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.uniform_()
+        ck.save(tmp_path / name / "checkpoint.pt", ck.state(model, None, 0, 0, cfg))
+        assert cli_main(["export", str(tmp_path / name), "backbone.pt"]) == 0
+        printed = capsys.readouterr().out
+        assert ("SmallResNet(width=32)" if name == "small" else "torchvision.models.resnet50()") in printed
+        exports[name] = ((tmp_path / "backbone.pt").read_bytes(), model.backbone.eval())
+
+    for name, block, other in (("resnet50", torchvision_block, small_block), ("small", small_block, torchvision_block)):
+        (tmp_path / "backbone.pt").write_bytes(exports[name][0])
+        scope: dict = {}
+        exec(block, scope)  # noqa: S102 - the README's code, verbatim
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(scope["net"].eval()(x), exports[name][1](x))
+        with pytest.raises((AssertionError, RuntimeError)):  # the other recipe fails loudly on this export
+            exec(other, {})  # noqa: S102
+
+
+def test_export_help_is_fast(tmp_path):
+    """--help imports no torch: measured in a fresh interpreter (the figure is printed; the bound is generous)."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "simsiam.cli", "export", "--help"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=60)
+    seconds = time.perf_counter() - t0
+    print(f"simsiam export --help: {seconds:.2f} s")
+    assert proc.returncode == 0 and "CKPT" in proc.stdout
+    assert seconds < 10.0
+    check = subprocess.run([sys.executable, "-c", "import sys, simsiam.export_cli; print('torch' in sys.modules)"],
+                           cwd=root, env=env, capture_output=True, text=True)
+    assert check.stdout.strip() == "False"
