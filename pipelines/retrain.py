@@ -29,12 +29,10 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-
 from simsiam import config as C
+from simsiam import io as sio
 from simsiam.data import BUILTIN_PREFIX, resolve_paths
 from simsiam.data.schema import DataError, is_uri, list_shards, validate_shards
 from simsiam.io import atomic_write_json
@@ -73,7 +71,8 @@ def build_parser(prog: str = "python -m pipelines.retrain") -> argparse.Argument
     p.add_argument("config", nargs="?", default="sample",
                    help="preset name (sample, cifar10, imagenet) or a YAML file (default: sample)")
     p.add_argument("--registry", required=True, metavar="DIR",
-                   help="the model registry: a local directory (or mounted volume), created on first use")
+                   help="the model registry, created on first use: a local directory, a mounted volume, or an "
+                        "s3:// prefix (lease + compare-and-swap pointer; see simsiam/registry.py)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set retrain.margin=1.0 or --set data.path=/data/incoming "
                         "(repeatable); 'simsiam config --list' lists every field")
@@ -134,15 +133,14 @@ def _uri(path: str | None, storage: str) -> str | None:
 
 
 def _reachable(reg: Registry, model_rel: str, storage: str, run_id: str) -> str:
-    """A path to a registry model that every Ray worker can read. The registry is local to the driver,
-    so with remote storage (a multi-node cluster) the model is first copied next to the run's checkpoints."""
-    local = str(reg.root / model_rel)
-    if not is_uri(storage):
-        return local
-    dest = f"{storage.rstrip('/')}/{run_id}-init/{Path(model_rel).name}"
-    fs, inner = pafs.FileSystem.from_uri(dest)
-    fs.create_dir(inner, recursive=True)
-    pafs.copy_files(local, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    """A path to a registry model that every Ray worker can read: on an object-store registry the model
+    itself; on a local registry with remote storage (a multi-node cluster) a copy next to the run's
+    checkpoints, since the registry's disk is the driver's."""
+    model = reg.path(model_rel)
+    if reg.remote or not is_uri(storage):
+        return model
+    dest = sio.join(storage, f"{run_id}-init", model_rel.rstrip("/").rsplit("/", 1)[-1])
+    sio.copy_tree(model, dest)
     return dest
 
 
@@ -235,9 +233,9 @@ def _run(cfg: C.Config, reg: Registry, scan: Scan, new: list[Shard], train: list
     t0 = time.time()
     run_id = new_run_id()
     run_dir = reg.run_dir(run_id)
-    run_dir.mkdir(parents=True)
-    storage = cfg.run.storage_path.strip() or str(run_dir / "ray")
-    train_list = run_dir / "train.shards.json"
+    sio.make_dirs(run_dir)
+    storage = cfg.run.storage_path.strip() or sio.join(run_dir, "ray")
+    train_list = sio.join(run_dir, "train.shards.json")
     atomic_write_json(train_list, {"shards": [s.path for s in train], "rows": sum(s.rows for s in train),
                                    "new": [s.path for s in new]})
     record: dict = {
@@ -245,13 +243,13 @@ def _run(cfg: C.Config, reg: Registry, scan: Scan, new: list[Shard], train: list
         "inputs": {
             "source": scan.root, "new_shards": [s.path for s in new], "new_rows": sum(s.rows for s in new),
             "train_on": cfg.retrain.train_on, "train_shards": len(train), "train_rows": sum(s.rows for s in train),
-            "train_list": str(train_list.relative_to(reg.root)), "config": f"runs/{run_id}/config.yaml",
+            "train_list": f"runs/{run_id}/train.shards.json", "config": f"runs/{run_id}/config.yaml",
             "storage": storage, "warm_start_from": None, "init_checkpoint": cfg.train.init_checkpoint or None,
             "promoted_before": promoted["run_id"] if promoted else None, "margin": cfg.retrain.margin,
         },
         "eval": eval_spec[2], "metrics": {}, "baseline": None,
     }
-    C.dump(cfg, run_dir / "config.yaml")  # replaced by the run's own config once it is complete
+    C.dump(cfg, sio.join(run_dir, "config.yaml"))  # replaced by the run's own config once it is complete
     reg.write_record(run_id, record)
     say(f"run {run_id}: training on {len(train)} shard(s), {record['inputs']['train_rows']} rows "
         f"({len(new)} new); records in {run_dir}")
@@ -289,7 +287,7 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
     run_dir = reg.run_dir(run_id)
     fit, heldout, fingerprint = eval_spec
     n_new = len(record["inputs"]["new_shards"])
-    overrides: dict[str, Any] = {"run.name": run_id, "data.path": str(run_dir / "train.shards.json"),
+    overrides: dict[str, Any] = {"run.name": run_id, "data.path": sio.join(run_dir, "train.shards.json"),
                                  "data.eval_path": heldout}
     say(f"Ray: {init_ray(address)}; checkpoints in {storage}/{run_id}")
     if promoted is not None and cfg.retrain.warm_start:
@@ -297,7 +295,7 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
         record["inputs"].update(warm_start_from=promoted["run_id"], init_checkpoint=overrides["train.init_checkpoint"])
         say(f"warm start from the promoted model of run {promoted['run_id']}")
     run_cfg = cfg.replace(overrides)
-    C.dump(run_cfg, run_dir / "config.yaml")
+    C.dump(run_cfg, sio.join(run_dir, "config.yaml"))
     reg.write_record(run_id, record)
 
     pre = pretrain(run_cfg, overrides["data.path"], heldout, storage, linear_fit_path=fit)
@@ -309,7 +307,7 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
              knn_top1=next((h["knn_top1"] for h in reversed(pre.history) if h.get("knn_top1") is not None), None))
     results = {"status": pre.status, "reason": pre.reason, "history": pre.history, "run_path": pre.run_path,
                "checkpoint": checkpoint, "config": run_cfg.to_dict()}
-    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_json(sio.join(run_dir, "results.json"), results)
     if pre.status == "failed" or (pre.status == "finished" and not checkpoint):
         raise RuntimeError(f"pretraining failed: {pre.reason or 'no checkpoint was written'}")
     if pre.status != "finished":  # collapsed or diverged: a completed run whose model is not worth scoring
@@ -322,7 +320,7 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
     top1 = float(ev["top1"])
     m.update(linear_top1=top1, linear_top5=ev.get("top5"))
     results.update(linear_top1=top1, linear_top5=ev.get("top5"), linear_eval=ev)
-    atomic_write_json(run_dir / "results.json", results)
+    atomic_write_json(sio.join(run_dir, "results.json"), results)
 
     margin = cfg.retrain.margin
     if promoted is None:
@@ -360,7 +358,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.retrain
         print(f"[simsiam] retrain: error - {e}", file=sys.stderr)
         return EXIT_ERROR
     if out.record:
-        print(f"[simsiam] record: {Path(args.registry).resolve() / 'runs' / out.run_id / 'record.json'}")
+        print(f"[simsiam] record: {sio.join(Registry(args.registry).run_dir(out.run_id), 'record.json')}")
     return out.exit_code
 
 

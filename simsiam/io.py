@@ -278,8 +278,8 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     need all-or-nothing publish a marker or pointer after this returns."""
     sfs, sin = filesystem(src)
     dfs, din = filesystem(dst)
-    if not is_uri(dst):
-        os.makedirs(din, exist_ok=True)
+    if not is_object_store(dst):  # object stores have no directories; other filesystems need them
+        dfs.create_dir(din, recursive=True)
     try:
         pafs.copy_files(sin, din, source_filesystem=sfs, destination_filesystem=dfs)
     except (OSError, pa.ArrowException) as e:

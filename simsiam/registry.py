@@ -1,26 +1,39 @@
 """The model registry of scheduled retraining: which shards were used, every run, the promoted model.
 
-A registry is a LOCAL directory (or a POSIX volume mounted on the machine that runs the retrain driver,
-e.g. a Kubernetes PersistentVolumeClaim on the Ray head): it relies on ``flock`` and atomic renames,
-which object stores do not offer. Training checkpoints may still live on s3:// or gs:// (run.storage_path)::
+A registry is a local directory (or a mounted POSIX volume) or an object-store prefix (s3://, or an
+S3-compatible store through AWS_ENDPOINT_URL; see simsiam/io.py). The layout is the same on both::
 
-    DIR/
+    ROOT/
       registry.json              format marker, written once
       promoted.json              THE pointer: run id, model dir, its linear top-1/top-5, eval fingerprint
       manifest.json              shards already used: path -> size, mtime_ns, rows, dataset, run_id, used_at
-      models/<run_id>/           a copy of each model ever promoted (checkpoint.pt + model.json); never deleted
+      models/<run_id>/           a copy of each model ever promoted (checkpoint.pt, then model.json); never deleted
       runs/<run_id>/             one per run: config.yaml, train.shards.json, results.json, record.json,
                                  ray/ (Ray Train storage when run.storage_path is empty; safe to delete)
-      .lock                      held (flock) for a run's whole life, so two runs never overlap
+      .lock                      local: held (flock) for a run's whole life, so two runs never overlap
+      .lease.json                object store: the lease that stands in for the lock (see below)
 
-Crash safety. Every file is replaced atomically (temp name, fsync, rename). A promoted model is copied
-to ``models/.<run_id>.<rand>.tmp`` and renamed into place before anything points at it. The end of a run is
-one journalled commit: ``record.json`` is first rewritten with status ``committing`` and the changes
+Crash safety. Every file is written atomically: locally to a temp name, fsynced and renamed; on an object
+store as one upload (readers see the old object or the whole new one). ``promoted.json`` and
+``manifest.json`` are replaced by compare-and-swap (:func:`simsiam.io.put_if_version`: ``If-Match`` on
+S3), so a writer that lost the registry cannot overwrite what a newer run wrote. A model counts as saved
+once its ``model.json`` (checksum of checkpoint.pt) exists - written last, after the checkpoint, inside a
+temp directory renamed into place locally - and nothing points at a model before that. The end of a run
+is one journalled commit: ``record.json`` is first rewritten with status ``committing`` and the changes
 (new pointer, shards to mark used); then ``promoted.json`` and ``manifest.json`` are replaced; then the
 record says ``completed``. A crash before the journal leaves the registry exactly as it was (the shards
 stay new, so the next run retries them); a crash after it is rolled forward by the next run's
 :meth:`Registry.recover`, so the pointer and the manifest never disagree. Runs still ``running`` when a
 new run starts (the lock proves they are dead) are marked ``crashed``.
+
+One retrain at a time. Locally ``flock`` (dropped by the kernel when its process dies). Object stores
+have no locks: the lock is a lease object created with ``If-None-Match: *`` (so of two racing runs
+exactly one creates it), naming its holder and an expiry; the holder renews it (``If-Match`` on its own
+version) every third of its time to live and deletes it at the end. A lease past its expiry belongs to a
+dead run: the next run takes it over with ``If-Match`` on the stale version (again exactly one wins).
+A holder that fails to renew knows it lost the registry and commits nothing (:meth:`Registry.commit`
+checks). gs:// registries are refused: pyarrow's GCS filesystem does not expose generation preconditions
+(GCS's compare-and-swap), so neither the lease nor the pointer could be safe there.
 """
 from __future__ import annotations
 
@@ -33,6 +46,7 @@ import posixpath
 import secrets
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -41,6 +55,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from simsiam import io as sio
 from simsiam.data.schema import (
     METADATA_FILE,
     PLAN_FILE,
@@ -48,14 +63,15 @@ from simsiam.data.schema import (
     DataError,
     absolute,
     filesystem,
-    is_uri,
     read_metadata,
 )
-from simsiam.io import atomic_write_json
+from simsiam.io import atomic_write_json, dumps_json
 
 FORMAT = "simsiam-registry"
 VERSION = 1
 CHECKPOINT_FILE = "checkpoint.pt"
+MODEL_FILE = "model.json"   # written last: a model directory without it is an interrupted copy
+LEASE_TTL_S = 600.0         # an object-store lease not renewed for this long belongs to a dead run
 # Run statuses in record.json. "completed" runs carry a decision: promoted or not_promoted.
 RUN_STATUSES = ("running", "committing", "completed", "failed", "crashed")
 
@@ -182,65 +198,167 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+def _parse(path: str, data: bytes | None) -> Any:
+    if data is None:
         return None
-    except (OSError, json.JSONDecodeError) as e:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RegistryError(f"{path}: unreadable ({e}); it is only ever replaced atomically, so this file was "
                             "changed by hand - restore it from runs/*/record.json") from None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+def _read_json(path: str) -> Any:
+    try:
+        return _parse(path, sio.read_bytes(path))
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise RegistryError(f"{path}: unreadable ({sio.describe_error(path, e)})") from None
+
+
+def _sha256_and_size(path: str) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with sio.open_input(path) as f:
+        while chunk := f.read(1 << 20):
             h.update(chunk)
-    return h.hexdigest()
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+class Lease:
+    """The object-store lock (see the module docstring): created with If-None-Match, renewed and released
+    with If-Match on its own version, taken over from a dead holder with If-Match on the expired version."""
+
+    def __init__(self, path: str, ttl_s: float = LEASE_TTL_S):
+        self.path, self.ttl_s = path, ttl_s
+        self.version: str | None = None
+        self.lost: str | None = None  # why the lease was lost, once it was
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()
+
+    def _body(self) -> bytes:
+        return dumps_json({"pid": os.getpid(), "host": socket.gethostname(), "since": now(),
+                           "expires_at": time.time() + self.ttl_s, "owner": id(self)})
+
+    def acquire(self) -> None:
+        try:
+            self.version = sio.put_if_absent(self.path, self._body())
+        except sio.PreconditionFailed:
+            data, version = sio.read_versioned(self.path)
+            holder = _parse(self.path, data) if data is not None else None
+            if holder is not None and holder.get("expires_at", 0) > time.time():
+                who = {k: holder.get(k) for k in ("pid", "host", "since")}
+                raise RegistryBusy(f"{self.path}: another retrain holds the registry ({json.dumps(who)}, lease "
+                                   f"until {time.strftime('%H:%M:%SZ', time.gmtime(holder['expires_at']))}); "
+                                   "not starting a second one") from None
+            try:  # expired (its holder died) or deleted meanwhile: take it over; of several, one wins
+                self.version = sio.put_if_version(self.path, self._body(), version)
+            except sio.PreconditionFailed:
+                raise RegistryBusy(f"{self.path}: another retrain took over the expired lease first; not "
+                                   "starting a second one") from None
+        self._thread = threading.Thread(target=self._renew_loop, name="registry-lease", daemon=True)
+        self._thread.start()
+
+    def renew(self) -> None:
+        """Extend the lease; :class:`RegistryError` if it was lost (expired and taken over)."""
+        with self._mutex:
+            if self.lost:
+                raise RegistryError(self.lost)
+            try:
+                self.version = sio.put_if_version(self.path, self._body(), self.version)
+            except sio.PreconditionFailed:
+                self.lost = (f"{self.path}: this run lost the registry lease (not renewed within {self.ttl_s:g} s, "
+                             "and another retrain took it over); it commits nothing")
+                raise RegistryError(self.lost) from None
+
+    def _renew_loop(self) -> None:
+        while not self._stop.wait(self.ttl_s / 3):
+            try:
+                self.renew()
+            except RegistryError:
+                return
+            except OSError:
+                continue  # the store is unreachable for now: retry; commit() renews before it writes
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._mutex:
+            if self.lost or self.version is None:
+                return
+            with contextlib.suppress(sio.PreconditionFailed, FileNotFoundError):
+                sio.delete_if_version(self.path, self.version)
 
 
 class Registry:
-    """A registry directory (see the module docstring). Methods that change it expect :meth:`lock` held."""
+    """A registry directory or prefix (see the module docstring). Methods that change it expect
+    :meth:`lock` held."""
 
-    def __init__(self, root: str | os.PathLike):
-        if is_uri(str(root)):
-            raise RegistryError(f"--registry {root}: the registry must be a local directory (or a mounted "
-                                "volume): it needs file locks and atomic renames, which object stores lack. "
-                                "Checkpoints can still go to s3:// or gs:// through run.storage_path")
-        self.root = Path(root).expanduser().resolve()
-        self.promoted_path = self.root / "promoted.json"
-        self.manifest_path = self.root / "manifest.json"
-        self.marker_path = self.root / "registry.json"
-        self.runs_dir = self.root / "runs"
-        self.models_dir = self.root / "models"
-        self.lock_path = self.root / ".lock"
+    def __init__(self, root: str | os.PathLike, *, lease_ttl_s: float = LEASE_TTL_S):
+        root = str(root)
+        if sio.is_uri(root) and sio.scheme(root) != "s3":
+            raise RegistryError(f"--registry {root}: a registry needs compare-and-swap writes, which this layer "
+                                "has on s3:// (and S3-compatible stores) and local directories only; pyarrow's "
+                                "GCS filesystem does not expose generation preconditions. Use s3://, a local "
+                                "directory or a mounted volume (checkpoints can still go to gs:// through "
+                                "run.storage_path)")
+        self.remote = sio.is_uri(root)
+        self.root = root.rstrip("/") if self.remote else str(Path(root).expanduser().resolve())
+        self.promoted_path = sio.join(self.root, "promoted.json")
+        self.manifest_path = sio.join(self.root, "manifest.json")
+        self.marker_path = sio.join(self.root, "registry.json")
+        self.runs_dir = sio.join(self.root, "runs")
+        self.models_dir = sio.join(self.root, "models")
+        self.lock_path = sio.join(self.root, ".lease.json" if self.remote else ".lock")
+        self.lease_ttl_s = lease_ttl_s
+        self._lease: Lease | None = None
+
+    def path(self, rel: str) -> str:
+        """A path relative to the registry as a full path or URI."""
+        return sio.join(self.root, rel)
 
     # ---- layout
     def exists(self) -> bool:
-        return self.marker_path.is_file()
+        return sio.is_file(self.marker_path)
 
     def init(self) -> None:
         """Create the layout; refuse a non-empty directory that is not a registry."""
-        if self.root.is_file():
+        if sio.is_file(self.root):
             raise RegistryError(f"--registry {self.root}: is a file, not a directory")
         if not self.exists():
-            if self.root.is_dir() and any(p.name not in (".lock",) for p in self.root.iterdir()):
+            if any(n not in (".lock", ".lease.json") for n in sio.names(self.root)):
                 raise RegistryError(f"--registry {self.root}: not empty and not a simsiam registry (no "
-                                    f"{self.marker_path.name}); choose an empty or new directory")
-            self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.marker_path, {"format": FORMAT, "version": VERSION, "created": now()})
+                                    "registry.json); choose an empty or new directory")
+            with contextlib.suppress(sio.PreconditionFailed):  # two first runs: one marker
+                sio.put_if_absent(self.marker_path, dumps_json({"format": FORMAT, "version": VERSION,
+                                                                "created": now()}))
         marker = _read_json(self.marker_path) or {}
         if marker.get("format") != FORMAT or marker.get("version", 0) > VERSION:
             raise RegistryError(f"{self.marker_path}: not a registry this code understands ({marker})")
-        self.runs_dir.mkdir(exist_ok=True)
-        self.models_dir.mkdir(exist_ok=True)
+        sio.make_dirs(self.runs_dir)
+        sio.make_dirs(self.models_dir)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
         """Hold the registry exclusively (non-blocking): :class:`RegistryBusy` names the holder otherwise.
-        The kernel drops the lock when its process dies, so a crash never leaves the registry locked."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        Locally the kernel drops the lock when its process dies; on an object store the lease expires."""
+        if self.remote:
+            lease = Lease(self.lock_path, self.lease_ttl_s)
+            try:
+                lease.acquire()
+            except OSError as e:
+                raise RegistryError(f"--registry {sio.describe_error(self.root, e)}") from None
+            self._lease = lease
+            try:
+                yield
+            finally:
+                self._lease = None
+                lease.release()
+            return
+        os.makedirs(self.root, exist_ok=True)
         fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -259,14 +377,19 @@ class Registry:
         finally:
             os.close(fd)
 
+    def _still_ours(self) -> None:
+        """Before changing shared state: on an object store, renew the lease (fails if it was lost)."""
+        if self._lease is not None:
+            self._lease.renew()
+
     # ---- state
     def promoted(self) -> dict | None:
         """The promoted model's pointer (run_id, model dir relative to the registry, metrics, ...) or None."""
         return _read_json(self.promoted_path)
 
-    def promoted_model_dir(self) -> Path | None:
+    def promoted_model_dir(self) -> str | None:
         p = self.promoted()
-        return self.root / p["model"] if p else None
+        return self.path(p["model"]) if p else None
 
     def manifest(self) -> dict:
         """``{"version": 1, "shards": {path: {size, mtime_ns, rows, dataset, run_id, used_at}}}``."""
@@ -286,49 +409,58 @@ class Registry:
         return fresh, changed
 
     # ---- runs
-    def run_dir(self, run_id: str) -> Path:
-        return self.runs_dir / run_id
+    def run_dir(self, run_id: str) -> str:
+        return sio.join(self.runs_dir, run_id)
 
     def record(self, run_id: str) -> dict | None:
-        return _read_json(self.run_dir(run_id) / "record.json")
+        return _read_json(sio.join(self.run_dir(run_id), "record.json"))
 
     def write_record(self, run_id: str, record: dict) -> None:
-        atomic_write_json(self.run_dir(run_id) / "record.json", {**record, "updated": now()})
+        atomic_write_json(sio.join(self.run_dir(run_id), "record.json"), {**record, "updated": now()})
 
     def runs(self) -> list[dict]:
         """Every run's record, oldest first."""
         out = []
-        for d in sorted(self.runs_dir.iterdir()) if self.runs_dir.is_dir() else []:
-            rec = _read_json(d / "record.json") if d.is_dir() else None
+        for name in sio.names(self.runs_dir):
+            rec = self.record(name) if not name.startswith(".") else None
             if rec is not None:
                 out.append(rec)
         return out
 
+    def model_complete(self, rel: str) -> bool:
+        """Is ``models/<run_id>`` (``rel``) a whole model copy (its model.json, written last, exists)?"""
+        return sio.is_file(sio.join(self.path(rel), MODEL_FILE))
+
     def save_model(self, run_id: str, checkpoint: str) -> str:
         """Copy a checkpoint directory (local path or URI) to ``models/<run_id>``; return that path relative
-        to the registry. Copied under a temp name and renamed, so ``models/<run_id>`` is whole or absent."""
+        to the registry. ``model.json`` (checksum, source) is written last: locally inside a temp directory
+        renamed into place, on an object store after the checkpoint objects; so a model either has it and
+        is whole, or is an interrupted copy that :meth:`recover` removes."""
         rel = f"models/{run_id}"
-        final = self.root / rel
-        if (final / CHECKPOINT_FILE).is_file():
+        if self.model_complete(rel):
             return rel
-        tmp = self.models_dir / f".{run_id}.{secrets.token_hex(3)}.tmp"
+        if not sio.is_file(sio.join(checkpoint, CHECKPOINT_FILE)):
+            raise RegistryError(f"{checkpoint}: no {CHECKPOINT_FILE} in this checkpoint directory")
+        if self.remote:
+            final = self.path(rel)
+            sio.copy_tree(checkpoint, final)
+            digest, size = _sha256_and_size(sio.join(final, CHECKPOINT_FILE))
+            atomic_write_json(sio.join(final, MODEL_FILE), {"run_id": run_id, "source": checkpoint, "saved": now(),
+                                                            "sha256": digest, "bytes": size})
+            return rel
+        final = Path(self.path(rel))
+        tmp = Path(self.models_dir) / f".{run_id}.{secrets.token_hex(3)}.tmp"
         try:
-            if is_uri(checkpoint):
-                tmp.mkdir()
-                pafs.copy_files(checkpoint, str(tmp), destination_filesystem=pafs.LocalFileSystem())
-            else:
-                shutil.copytree(checkpoint, tmp)
-            ckpt = tmp / CHECKPOINT_FILE
-            if not ckpt.is_file():
-                raise RegistryError(f"{checkpoint}: no {CHECKPOINT_FILE} in this checkpoint directory")
-            atomic_write_json(tmp / "model.json", {"run_id": run_id, "source": checkpoint, "saved": now(),
-                                                   "sha256": _sha256(ckpt), "bytes": ckpt.stat().st_size})
+            sio.copy_tree(checkpoint, str(tmp))
+            digest, size = _sha256_and_size(str(tmp / CHECKPOINT_FILE))
+            atomic_write_json(tmp / MODEL_FILE, {"run_id": run_id, "source": checkpoint, "saved": now(),
+                                                 "sha256": digest, "bytes": size})
             for p in tmp.rglob("*"):
                 if p.is_file():
                     with open(p, "rb") as f:
                         os.fsync(f.fileno())
             os.rename(tmp, final)
-            _fsync_dir(self.models_dir)
+            _fsync_dir(Path(self.models_dir))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -341,6 +473,7 @@ class Registry:
         ``promote``: the new ``promoted.json`` (its model already saved); ``rebaseline``: new metrics for
         the current promoted model (re-evaluated under a changed eval protocol); ``used``: shards to
         mark used. Returns the final record."""
+        self._still_ours()
         pending = {"run_id": run_id, "promote": promote, "rebaseline": rebaseline,
                    "used": [s.to_json() for s in used], "at": now()}
         # The journal: once this write lands, the commit completes (now, or in the next run's recover()).
@@ -350,47 +483,73 @@ class Registry:
         self.write_record(run_id, final)
         return final
 
+    def _swap_json(self, path: str, change) -> None:
+        """Replace a JSON file by compare-and-swap: ``change(current) -> new`` (None: leave it)."""
+        data, version = sio.read_versioned(path)
+        new = change(_parse(path, data))
+        if new is None:
+            return
+        try:
+            sio.put_if_version(path, dumps_json(new), version)
+        except sio.PreconditionFailed:
+            raise RegistryError(f"{path}: changed by another writer while this run held the registry; nothing "
+                                "was overwritten (was the lease lost?)") from None
+
     def _apply(self, pending: dict) -> None:
         """Apply a journalled commit; idempotent, so a roll-forward may repeat what already landed."""
         promote, rebaseline = pending.get("promote"), pending.get("rebaseline")
-        current = self.promoted()
         if promote is not None:
-            if not (self.root / promote["model"] / CHECKPOINT_FILE).is_file():
-                raise RegistryError(f"{self.root / promote['model']}: the model to promote is missing")
-            if current != promote:
-                atomic_write_json(self.promoted_path, promote)
-        elif rebaseline is not None and current is not None and current["run_id"] == rebaseline["run_id"]:
-            updated = {**current, **{k: v for k, v in rebaseline.items() if k != "run_id"}}
-            if updated != current:
-                atomic_write_json(self.promoted_path, updated)
+            if not self.model_complete(promote["model"]):
+                raise RegistryError(f"{self.path(promote['model'])}: the model to promote is missing")
+            self._swap_json(self.promoted_path, lambda cur: promote if cur != promote else None)
+        elif rebaseline is not None:
+            def rescore(cur: dict | None) -> dict | None:
+                if cur is None or cur["run_id"] != rebaseline["run_id"]:
+                    return None
+                updated = {**cur, **{k: v for k, v in rebaseline.items() if k != "run_id"}}
+                return updated if updated != cur else None
+            self._swap_json(self.promoted_path, rescore)
         if pending.get("used"):
-            manifest = self.manifest()
-            changed = False
-            for s in pending["used"]:
-                entry = {k: s[k] for k in ("size", "mtime_ns", "rows", "dataset")}
-                entry.update(run_id=pending["run_id"], used_at=pending["at"])
-                if manifest["shards"].get(s["path"]) != entry:
-                    manifest["shards"][s["path"]] = entry
-                    changed = True
-            if changed:
-                atomic_write_json(self.manifest_path, manifest)
+            def mark(cur: dict | None) -> dict | None:
+                manifest = cur if cur is not None else {"version": VERSION, "shards": {}}
+                changed = False
+                for s in pending["used"]:
+                    entry = {k: s[k] for k in ("size", "mtime_ns", "rows", "dataset")}
+                    entry.update(run_id=pending["run_id"], used_at=pending["at"])
+                    if manifest["shards"].get(s["path"]) != entry:
+                        manifest["shards"][s["path"]] = entry
+                        changed = True
+                return manifest if changed else None
+            self._swap_json(self.manifest_path, mark)
 
-    def recover(self) -> list[str]:
-        """Tidy up after crashed runs (call with the lock held): roll journalled commits forward, mark dead
-        ``running`` runs ``crashed``, remove temp files of interrupted writes. Returns what it did."""
+    def _remove_interrupted_writes(self) -> list[str]:
         notes = []
-        for d in (self.root, self.models_dir):
+        if self.remote:  # no temp names on an object store; a model copy without its model.json was cut short
+            for name in sio.names(self.models_dir):
+                if not self.model_complete(f"models/{name}"):
+                    sio.remove_tree(sio.join(self.models_dir, name))
+                    notes.append(f"removed models/{name} (a model copy cut short)")
+            return notes
+        for d in (Path(self.root), Path(self.models_dir)):
             for p in d.glob(".*.tmp") if d.is_dir() else []:
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:
                     p.unlink(missing_ok=True)
                 notes.append(f"removed {p.relative_to(self.root)} (left by an interrupted write)")
+        for d in Path(self.runs_dir).iterdir() if Path(self.runs_dir).is_dir() else []:
+            for p in d.glob(".*.tmp"):
+                p.unlink(missing_ok=True)
+        return notes
+
+    def recover(self) -> list[str]:
+        """Tidy up after crashed runs (call with the lock held): roll journalled commits forward, mark dead
+        ``running`` runs ``crashed``, remove what interrupted writes left. Returns what it did."""
+        notes = self._remove_interrupted_writes()
         for rec in self.runs():
             run_id, status = rec.get("run_id"), rec.get("status")
-            for p in self.run_dir(run_id).glob(".*.tmp"):
-                p.unlink(missing_ok=True)
             if status == "committing":
+                self._still_ours()
                 pending = rec.pop("pending")
                 self._apply(pending)
                 self.write_record(run_id, {**rec, "status": "completed"})

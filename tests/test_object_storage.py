@@ -133,3 +133,26 @@ def test_run_with_data_checkpoints_and_results_on_s3_rides_out_an_outage(s3, s3_
     during = [round(t - outage.started_wall, 1) for t in started if outage.started_wall <= t <= outage.ended_wall]
     print(f"outage {outage.ended - outage.started:.1f} s during a {wall:.1f} s run; checkpoint reports begun "
           f"during it at +{during} s")
+
+
+@pytest.mark.slow
+def test_retrain_with_its_registry_on_s3(s3, s3_digits, digits_cache, ray_local):
+    """`simsiam retrain --registry s3://...`: the first run is promoted through the lease and the
+    compare-and-swap pointer; its records, model and Ray storage all live on the endpoint."""
+    from pipelines.retrain import retrain
+    from simsiam.registry import Registry
+
+    reg_root = s3.create_bucket("object-storage-registry") + "/reg"
+    cfg = tiny_config(digits_cache, **{"data.path": s3_digits + "/train", "data.eval_path": s3_digits + "/test",
+                                       "retrain.eval_train_path": s3_digits + "/train", "train.epochs": 1})
+    out = retrain(cfg, reg_root, log=print)
+    assert out.decision == "promoted", out.reason
+    reg = Registry(reg_root)
+    promoted = reg.promoted()
+    assert promoted["run_id"] == out.run_id and reg.model_complete(promoted["model"])
+    keys = s3.keys_of(reg_root)
+    assert f"reg/models/{out.run_id}/checkpoint.pt" in keys and "reg/.lease.json" not in keys
+    assert any(k.startswith(f"reg/runs/{out.run_id}/ray/{out.run_id}/checkpoint_") for k in keys)
+    assert set(reg.manifest()["shards"]) == {r for r in out.record["inputs"]["new_shards"]}
+    again = retrain(cfg, reg_root, log=print)
+    assert again.decision == "nothing_to_do" and reg.promoted() == promoted

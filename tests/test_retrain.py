@@ -21,6 +21,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -28,9 +29,9 @@ import numpy as np
 import pytest
 
 from simsiam import config as C
+from simsiam import io as sio
 from simsiam.data.convert import convert, digits_split
 from simsiam.data.schema import DataError
-from simsiam.io import atomic_write_json
 from simsiam.registry import Registry, RegistryBusy, RegistryError, scan_source
 from tests.conftest import tiny_config
 
@@ -381,10 +382,18 @@ def test_scan_takes_only_finished_conversions(day0, tmp_path):
         scan_source(str(tmp_path / "nope"))
 
 
-def test_a_rewritten_shard_counts_as_new(day0, tmp_path):
+@pytest.fixture(params=["local", "s3"])
+def reg_root(request, tmp_path) -> str:
+    """Where a registry lives: a local directory, or a prefix on the test S3 endpoint."""
+    if request.param == "local":
+        return str(tmp_path / "reg")
+    return request.getfixturevalue("s3_bucket") + "/reg"
+
+
+def test_a_rewritten_shard_counts_as_new(day0, tmp_path, reg_root):
     src = tmp_path / "src"
     shutil.copytree(day0, src / "day0")
-    reg = Registry(tmp_path / "reg")
+    reg = Registry(reg_root)
     with reg.lock():
         reg.init()
         scan = scan_source(str(src))
@@ -398,16 +407,63 @@ def test_a_rewritten_shard_counts_as_new(day0, tmp_path):
         assert reg.record("r1")["status"] == "completed"
 
 
-def test_lock_keeps_a_second_run_out(tmp_path, digits_cache):
-    reg = Registry(tmp_path / "reg")
+def test_lock_keeps_a_second_run_out(digits_cache, reg_root):
+    reg = Registry(reg_root)
     with reg.lock():
         with pytest.raises(RegistryBusy, match=f"pid.*{os.getpid()}"):
-            with Registry(tmp_path / "reg").lock():
+            with Registry(reg_root).lock():
                 pass
-        rc, text = run_main(["sample", "--registry", str(tmp_path / "reg"), "--set", f"data.cache_dir={digits_cache}"])
+        rc, text = run_main(["sample", "--registry", reg_root, "--set", f"data.cache_dir={digits_cache}"])
         assert rc == 3 and "another retrain holds the registry" in text
     with reg.lock():  # released on exit
         pass
+
+
+def test_two_retrains_racing_for_the_lock_one_loses_cleanly(reg_root):
+    """Two runs start at the same instant: exactly one holds the registry, the other gets RegistryBusy
+    and changes nothing; after the winner ends, the registry is free again."""
+    barrier = threading.Barrier(2)
+    results: dict[int, str] = {}
+    held = threading.Event()
+
+    def run(i: int) -> None:
+        reg = Registry(reg_root)
+        barrier.wait()
+        try:
+            with reg.lock():
+                results[i] = "won"
+                reg.init()
+                held.wait(5)  # hold it until the other has tried
+        except RegistryBusy as e:
+            results[i] = f"busy: {e}"
+            held.set()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(v.split(":")[0] for v in results.values()) == ["busy", "won"], results
+    assert "another retrain" in next(v for v in results.values() if v.startswith("busy"))
+    with Registry(reg_root).lock():
+        pass
+
+
+def test_an_expired_lease_is_taken_over_and_its_holder_commits_nothing(s3_bucket):
+    """Object store only: a run whose lease expired (it hung past its time to live) loses the registry to
+    the next run, and its commit is refused rather than overwriting the newer run's pointer."""
+    root = s3_bucket + "/reg"
+    stale = Registry(root, lease_ttl_s=1.5)
+    with stale.lock():
+        stale.init()
+        stale._lease._stop.set()  # simulate a hung process: it stops renewing
+        time.sleep(2.0)
+        fresh = Registry(root)
+        with fresh.lock():
+            fresh.commit("r2", {"run_id": "r2", "decision": "not_promoted"})
+            with pytest.raises(RegistryError, match="lost the registry lease"):
+                stale.commit("r1", {"run_id": "r1", "decision": "not_promoted"})
+        assert stale.record("r1") is None and fresh.record("r2")["status"] == "completed"
 
 
 def _fake_checkpoint(path: Path) -> Path:
@@ -416,8 +472,15 @@ def _fake_checkpoint(path: Path) -> Path:
     return path
 
 
-def test_a_commit_interrupted_after_its_journal_is_rolled_forward(tmp_path, day0):
-    reg = Registry(tmp_path / "reg")
+def _leftovers(reg: Registry) -> list[str]:
+    """Leftovers of interrupted writes: local temp files, or (object store) model copies without model.json."""
+    if reg.remote:
+        return [n for n in sio.names(reg.models_dir) if not reg.model_complete(f"models/{n}")]
+    return [str(p) for p in temp_files(Path(reg.root))]
+
+
+def test_a_commit_interrupted_after_its_journal_is_rolled_forward(tmp_path, day0, reg_root):
+    reg = Registry(reg_root)
     shards = scan_source(str(day0.parent)).shards
     with reg.lock():
         reg.init()
@@ -428,38 +491,47 @@ def test_a_commit_interrupted_after_its_journal_is_rolled_forward(tmp_path, day0
         # What commit() leaves when killed right after its journal write: nothing applied yet.
         reg.write_record("r1", {"run_id": "r1", "status": "committing", "decision": "promoted", "pending": pending})
         assert reg.promoted() is None and reg.manifest()["shards"] == {}
-        (reg.root / ".manifest.json.abc.tmp").write_text("{half")  # and an atomic write cut short
+        if reg.remote:  # and a model copy cut short (no model.json)
+            sio.atomic_write_bytes(reg.path("models/r9/checkpoint.pt"), b"half")
+        else:  # and an atomic write cut short
+            Path(reg.path(".manifest.json.abc.tmp")).write_text("{half")
         notes = reg.recover()
     assert reg.promoted() == promote
     assert set(reg.manifest()["shards"]) == {s.path for s in shards}
     assert reg.record("r1")["status"] == "completed" and "pending" not in reg.record("r1")
-    assert any("interrupted commit" in n for n in notes) and temp_files(reg.root) == []
+    assert any("interrupted commit" in n for n in notes) and _leftovers(reg) == []
+    assert sio.names(reg.models_dir) == ["r1"]
     with reg.lock():
         assert reg.recover() == []  # idempotent
 
 
-def test_recover_marks_dead_runs_crashed_and_model_copies_are_all_or_nothing(tmp_path):
-    reg = Registry(tmp_path / "reg")
+def test_recover_marks_dead_runs_crashed_and_model_copies_are_all_or_nothing(tmp_path, reg_root):
+    reg = Registry(reg_root)
     with reg.lock():
         reg.init()
         reg.write_record("r0", {"run_id": "r0", "status": "running", "decision": None})
-        (reg.models_dir / ".r0.1234.tmp").mkdir()  # a model copy cut short
+        if reg.remote:
+            sio.atomic_write_bytes(reg.path("models/r0/checkpoint.pt"), b"half")  # a model copy cut short
+        else:
+            os.makedirs(reg.path("models/.r0.1234.tmp"))
         notes = reg.recover()
         assert reg.record("r0")["status"] == "crashed" and len(notes) == 2
-        assert list(reg.models_dir.iterdir()) == []
+        assert sio.names(reg.models_dir) == []
         (tmp_path / "not-a-checkpoint").mkdir()
         with pytest.raises(RegistryError, match="no checkpoint.pt"):
             reg.save_model("r2", str(tmp_path / "not-a-checkpoint"))
-        assert list(reg.models_dir.iterdir()) == []
+        assert sio.names(reg.models_dir) == []
 
 
-def test_registry_refuses_uris_and_foreign_directories(tmp_path):
-    with pytest.raises(RegistryError, match="must be a local directory"):
-        Registry("s3://bucket/registry")
+def test_registry_refuses_gcs_and_foreign_directories(tmp_path, s3_bucket):
+    with pytest.raises(RegistryError, match="generation preconditions"):
+        Registry("gs://bucket/registry")
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "notes.txt").write_text("mine")
-    with pytest.raises(RegistryError, match="not a simsiam registry"):
-        Registry(tmp_path / "home").init()
+    sio.atomic_write_text(s3_bucket + "/home/notes.txt", "mine")
+    for root in (str(tmp_path / "home"), s3_bucket + "/home"):
+        with pytest.raises(RegistryError, match="not a simsiam registry"):
+            Registry(root).init()
 
 
 def test_bad_inputs_fail_before_any_run(tmp_path, day0, digits_cache):
@@ -471,34 +543,38 @@ def test_bad_inputs_fail_before_any_run(tmp_path, day0, digits_cache):
     rc, text = run_main(["sample", *common, "--set", f"retrain.eval_train_path={digits_cache}/digits/train",
                          "--set", f"data.eval_path={day0}"])
     assert rc == 2 and "held-out set would be trained on" in text
-    rc, text = run_main(["sample", "--registry", "s3://b/r"])
+    rc, text = run_main(["sample", "--registry", "gs://b/r"])
     assert rc == 2 and "local directory" in text
     assert not list((reg / "runs").iterdir())
 
 
-def test_a_hand_edited_pointer_is_reported(tmp_path):
-    reg = Registry(tmp_path / "reg")
+def test_a_hand_edited_pointer_is_reported(reg_root):
+    reg = Registry(reg_root)
     with reg.lock():
         reg.init()
-    atomic_write_json(reg.promoted_path, {"run_id": "x"})
-    reg.promoted_path.write_text("{broken")
+    sio.atomic_write_text(reg.promoted_path, "{broken")
     with pytest.raises(RegistryError, match="changed by hand"):
         reg.promoted()
 
 
-def test_models_move_between_the_registry_and_uri_storage(tmp_path):
+def test_models_move_between_the_registry_and_uri_storage(tmp_path, reg_root):
     from pipelines.retrain import _reachable
 
-    reg = Registry(tmp_path / "reg")
+    reg = Registry(reg_root)
     ckpt = _fake_checkpoint(tmp_path / "remote" / "r1" / "checkpoint_000")
     with reg.lock():
         reg.init()
         # a checkpoint on URI storage is copied into the registry ...
         rel = reg.save_model("r1", f"file://{ckpt}")
-        assert (reg.root / rel / "checkpoint.pt").read_bytes() == b"weights"
-        assert json.loads((reg.root / rel / "model.json").read_text())["source"] == f"file://{ckpt}"
-        # ... and a registry model is staged on URI storage for the workers of a warm start
+        assert sio.read_bytes(reg.path(rel + "/checkpoint.pt")) == b"weights"
+        meta = sio.read_json(reg.path(rel + "/model.json"))
+        assert meta["source"] == f"file://{ckpt}" and meta["sha256"] == hashlib.sha256(b"weights").hexdigest()
+        # ... and a registry model is staged on URI storage for the workers of a warm start, unless the
+        # registry is on an object store already (then every worker reads it where it is)
         staged = _reachable(reg, rel, f"file://{tmp_path}/remote", "r2")
-        assert staged == f"file://{tmp_path}/remote/r2-init/r1"
-        assert (tmp_path / "remote" / "r2-init" / "r1" / "checkpoint.pt").read_bytes() == b"weights"
-        assert _reachable(reg, rel, str(tmp_path / "local"), "r2") == str(reg.root / rel)
+        if reg.remote:
+            assert staged == reg.path(rel)
+        else:
+            assert staged == f"file://{tmp_path}/remote/r2-init/r1"
+            assert (tmp_path / "remote" / "r2-init" / "r1" / "checkpoint.pt").read_bytes() == b"weights"
+        assert _reachable(reg, rel, str(tmp_path / "local"), "r2") == reg.path(rel)
