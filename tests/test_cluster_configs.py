@@ -298,6 +298,8 @@ def test_schedules_are_valid_and_retrain_runs_the_retrain_pipeline():
             schedules.append(kind)
         if kind == "RayCronJob":
             assert "pipelines.retrain" in doc["spec"]["jobTemplate"]["entrypoint"]
+            # Pods come and go: the registry lives in object storage, not on a volume of the head pod.
+            assert "--registry s3://" in doc["spec"]["jobTemplate"]["entrypoint"]
             # Runs may never overlap: the deadline is shorter than the weekly period.
             assert doc["spec"]["jobTemplate"]["activeDeadlineSeconds"] < 7 * 24 * 3600
         if kind == "CronJob":
@@ -312,6 +314,7 @@ def test_schedules_are_valid_and_retrain_runs_the_retrain_pipeline():
             inner = yaml.safe_load(next(iter(same_file[next(iter(maps))]["data"].values())))
             assert inner["kind"] == "RayJob" and "generateName" in inner["metadata"]
             assert "pipelines.retrain" in inner["spec"]["entrypoint"]
+            assert "--registry s3://" in inner["spec"]["entrypoint"]
             roles = [d for d in _docs(path) if d.get("kind") == "Role"]
             assert any("rayjobs" in r["resources"] and "create" in r["verbs"] for role in roles
                        for r in role["rules"]), f"{path.name}: the service account cannot create RayJobs"
