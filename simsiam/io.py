@@ -96,8 +96,9 @@ def describe_error(path: str, e: BaseException) -> str:
     low = text.lower()
     if is_object_store(path):
         where = f"{scheme(path)}://{bucket(path)}"
-        if any(k in low for k in ("accessdenied", "access denied", "invalidaccesskeyid", "signaturedoesnotmatch",
-                                  "no credentials", "credentials", "forbidden", "403")):
+        squashed = low.replace("_", "").replace(" ", "")
+        if any(k in squashed for k in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch",
+                                       "credentials", "forbidden", "403")):
             return (f"{path}: access to bucket {where} denied ({text.splitlines()[0]}); check the credentials "
                     "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the instance role for s3://, "
                     "GOOGLE_APPLICATION_CREDENTIALS for gs://) and the bucket's permissions")

@@ -156,3 +156,35 @@ def test_retrain_with_its_registry_on_s3(s3, s3_digits, digits_cache, ray_local)
     assert set(reg.manifest()["shards"]) == {r for r in out.record["inputs"]["new_shards"]}
     again = retrain(cfg, reg_root, log=print)
     assert again.decision == "nothing_to_do" and reg.promoted() == promoted
+
+
+def test_run_with_wrong_credentials_stops_before_ray_naming_the_bucket(tmp_path):
+    """`simsiam run` against a store that checks signatures, with wrong keys: exit 2 within seconds, the
+    message names the setting and the bucket, and no Ray cluster was started."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.s3_server import S3Server, free_port
+
+    server = S3Server(free_port(), str(tmp_path / "moto.log"), auth=True).start()
+    try:
+        bucket = server.create_bucket("private-runs")
+        env = {**os.environ, "AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "AKIAWRONGWRONGWRONG1",
+               "AWS_SECRET_ACCESS_KEY": "nope", "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+               "RAY_ADDRESS": "127.0.0.1:1"}  # any attempt to reach Ray would fail differently
+        t0 = time.monotonic()
+        sets = [f"data.path={bucket}/digits/train", f"data.eval_path={bucket}/digits/test",
+                f"run.storage_path={bucket}/runs"]
+        cmd = [sys.executable, "-m", "pipelines.pretrain_eval", "sample", "--out-dir", str(tmp_path / "o")]
+        for kv in sets:
+            cmd += ["--set", kv]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - t0
+    finally:
+        server.stop()
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "data.path: s3://private-runs/digits/train: access to bucket s3://private-runs denied" in r.stderr, r.stderr
+    assert "check the credentials" in r.stderr and "[simsiam] running" not in r.stdout
+    print(f"refused in {took:.1f} s")
