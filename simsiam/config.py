@@ -105,7 +105,13 @@ class DataConfig:
     on_bad_image: str = _f("error", "corrupt/oversized image: error, or skip (counted)", choices=("error", "skip"))
     max_pixels: int = _f(89_478_485, "refuse images with more pixels (decompression bombs)", ge=1)
     shuffle_buffer: int = _f(1024, "rows in the seeded local shuffle buffer on each worker (0 = off)", ge=0)
-    prefetch_batches: int = _f(2, "batches prefetched per worker", ge=0)
+    prefetch_batches: int = _f(2, "batches each train worker prefetches ahead of the step (Ray Data's "
+                                  "iter_torch_batches prefetch_batches; benchmarks/gpu_e2e.py measures depths)", ge=0)
+    decode: str = _f("auto", "where training images are decoded and cropped: cpu (in Ray Data tasks, PIL), gpu "
+                             "(JPEG bytes + crop boxes travel; the train worker decodes a batch on its device with "
+                             "torchvision's decode_jpeg, nvjpeg on CUDA, and crops there; JPEG data only), auto "
+                             "(gpu when train.use_gpu and the shards hold JPEG, else cpu)",
+                     choices=("auto", "cpu", "gpu"))
     data_cpus: float = _f(0.0, "CPU cap for Ray Data tasks (0 = Ray's default)", ge=0.0)
     cache_dir: str = _f("", "where builtin sets are converted; empty = ~/.cache/simsiam")
 

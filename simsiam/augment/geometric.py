@@ -75,14 +75,22 @@ class GeometricAugment:
             w, h = width, height
         return (height - h) // 2, (width - w) // 2, h, w
 
+    def draw(self, height: int, width: int, rng: np.random.Generator) -> tuple[int, int, int, int, bool]:
+        """(top, left, h, w, flip) of one view, in the order :meth:`__call__` draws them.
+
+        The device-decode path (:mod:`simsiam.data.device_decode`) draws its boxes here too, so the
+        same seed gives both paths the same crops and flips."""
+        top, left, h, w = self.crop_params(height, width, rng)
+        return top, left, h, w, bool(rng.random() < self.flip_prob)
+
     def __call__(self, img: np.ndarray | Image.Image, rng: np.random.Generator) -> np.ndarray:
         """One augmented view: (H, W, 3) uint8 array (or a PIL image) -> (3, S, S) uint8, CHW."""
         pil = _as_pil(img)
-        top, left, h, w = self.crop_params(pil.height, pil.width, rng)
+        top, left, h, w, flip = self.draw(pil.height, pil.width, rng)
         s = self.image_size
         # resize(box=...) crops and resizes in one pass (no intermediate crop image).
         out = np.asarray(pil.resize((s, s), Image.BILINEAR, box=(left, top, left + w, top + h)))
-        if rng.random() < self.flip_prob:
+        if flip:
             out = out[:, ::-1]
         return np.ascontiguousarray(out.transpose(2, 0, 1))
 

@@ -1,5 +1,6 @@
 """What each Ray Data task does to one batch of shard rows: decode, then the geometric augmentation
-(two views for pretraining, one for linear evaluation) or the deterministic eval view.
+(two views for pretraining, one for linear evaluation) or the deterministic eval view; or, for
+decoding on the train worker's device (``data.decode: gpu``), only the crop boxes and flips.
 
 Only numpy, pyarrow and PIL: every Ray Data worker process imports this module, and keeping torch out
 of it saves seconds of start-up per process (measured: 0.7 s against 6.4 s when this code sat next to
@@ -14,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from simsiam.augment.geometric import GeometricAugment, eval_transform
-from simsiam.data.decode import BadImage, Rows
+from simsiam.data.decode import BadImage, Rows, probe
 
 
 def _batch_rng(seed: int, rows: Rows) -> np.random.Generator:
@@ -77,3 +78,40 @@ def labeled_batch(table: pa.Table, image_size: int, min_scale: float, max_pixels
     (out,), valid = _transform_rows(rows, 1, image_size, lambda img: geo(img, rng), max_pixels, on_bad_image,
                                     labels_for="linear evaluation")
     return {"image": out, "label": rows.labels, "valid": valid}
+
+
+def train_batch_encoded(table: pa.Table, image_size: int, min_scale: float, max_pixels: int, on_bad_image: str,
+                        seed: int) -> dict[str, np.ndarray]:
+    """Pretraining rows for decoding on the train worker's device (``data.decode: gpu``): each JPEG's
+    bytes as stored, ``crop`` int32 (N, 2, 4) = (top, left, h, w) per view, ``flip`` bool (N, 2), ``valid``
+    and ``where`` (shard and row id, for the worker's error messages).
+
+    The boxes come from the header's size, drawn from the same generator in the same order as
+    :func:`train_batch` draws them, so both paths crop the same boxes for the same seed. A row that is
+    not JPEG is refused (it is a data/config mismatch, not a bad image): the message names it.
+    """
+    rows = Rows(table)
+    geo, rng = GeometricAugment(image_size, min_scale), _batch_rng(seed, rows)
+    crop = np.zeros((rows.n, 2, 4), np.int32)
+    flip = np.zeros((rows.n, 2), bool)
+    valid = np.ones(rows.n, bool)
+    images: list[bytes] = []
+    for i in range(rows.n):
+        data = rows.images[i]
+        try:
+            fmt, h, w = ("raw pixels", 0, 0) if rows.heights[i] is not None else probe(data, max_pixels)
+        except BadImage as e:
+            if on_bad_image != "skip":
+                raise rows.bad(i, str(e)) from None
+            valid[i] = False
+            images.append(b"")
+            continue
+        if fmt != "JPEG":
+            raise rows.bad(i, f"{fmt} image, but data.decode=gpu decodes only JPEG (on the device); use "
+                              "data.decode=cpu, or auto, which picks cpu for data that is not JPEG")
+        for v in range(2):
+            top, left, ch, cw, flip[i, v] = geo.draw(h, w, rng)
+            crop[i, v] = (top, left, ch, cw)
+        images.append(bytes(data))
+    return {"image": np.array(images, dtype=object), "crop": crop, "flip": flip, "valid": valid,
+            "where": np.array([rows.where(i) for i in range(rows.n)], dtype=object)}

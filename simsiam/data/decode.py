@@ -20,32 +20,55 @@ class BadImage(Exception):
     """One row's image cannot be used; the message says why (the caller adds shard and row)."""
 
 
+def _open_encoded(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with only its header read, after the pixel-limit check; raises :class:`BadImage`."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:
+        raise BadImage("corrupt or not an image: no known image format in these bytes") from None
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad headers
+        raise BadImage(f"corrupt or not an image: {type(e).__name__}: {e}") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise BadImage(f"image is {w}x{h} = {w * h} pixels, over data.max_pixels = {max_pixels} "
+                       "(possible decompression bomb)")
+    return img
+
+
 def _decode_encoded(data: bytes, max_pixels: int) -> Image.Image:
     saved = Image.MAX_IMAGE_PIXELS
     # PIL's own bomb check would fire inside open() with its own threshold and message; ours runs on
     # the header's size, before any pixel is decoded.
     Image.MAX_IMAGE_PIXELS = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            w, h = img.size
-            if w * h > max_pixels:
-                raise BadImage(f"image is {w}x{h} = {w * h} pixels, over data.max_pixels = {max_pixels} "
-                               "(possible decompression bomb)")
+        img = _open_encoded(data, max_pixels)
+        try:
             img.load()
-    except BadImage:
-        raise
-    except Image.UnidentifiedImageError:
-        raise BadImage("corrupt or not an image: no known image format in these bytes") from None
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
-        kind = "truncated" if "truncated" in str(e) else "corrupt or not an image"
-        raise BadImage(f"{kind}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError...) for bad files
+            kind = "truncated" if "truncated" in str(e) else "corrupt or not an image"
+            raise BadImage(f"{kind}: {type(e).__name__}: {e}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = saved
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img
+
+
+def probe(data: Any, max_pixels: int) -> tuple[str, int, int]:
+    """(format, height, width) of one encoded image from its header alone, no pixel decoded; format is
+    PIL's name (``"JPEG"``, ``"PNG"``...). Raises :class:`BadImage` as :func:`decode` does for what the
+    header shows (empty, no known format, over ``max_pixels``); a truncated body shows only at decode."""
+    if data is None or len(data) == 0:
+        raise BadImage("empty image bytes")
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        img = _open_encoded(bytes(data), max_pixels)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+    return str(img.format), img.height, img.width
 
 
 def _decode_raw(data: bytes, height: int, width: int, channels: int, max_pixels: int) -> Image.Image:

@@ -5,6 +5,8 @@ Training::
     read_parquet (streaming, seeded file shuffle)
       -> map_batches (simsiam.data.batches, no torch): decode + two GeometricAugment views per image
          -> view1, view2 (N,3,S,S) uint8, valid
+         (data.decode: gpu -> train_batch_encoded: JPEG bytes + both views' crop boxes and flips; the
+          worker decodes and crops on its device, simsiam.data.device_decode)
       -> streaming_split to the workers (Ray Train's get_dataset_shard)
       -> iter_train_batches: iter_torch_batches with prefetch and a seeded local shuffle buffer
       -> PhotometricAugment on the worker's device (see simsiam.augment)
@@ -110,17 +112,20 @@ def _read(data_cfg: DataConfig, path: str, what: str, shuffle_seed: int | None) 
     return ds
 
 
-def train_dataset(data_cfg: DataConfig, path: str, seed: int) -> ray.data.Dataset:
+def train_dataset(data_cfg: DataConfig, path: str, seed: int, decode: str = "cpu") -> ray.data.Dataset:
     """Streaming training data: columns ``view1``, ``view2`` (uint8 (N, 3, S, S)) and ``valid`` (bool).
 
     Files are shuffled per epoch from ``seed``; each image gets two independent random resized crops
     (+ flips). A row with a bad image raises a DataError naming shard and row id, or under
     ``data.on_bad_image: skip`` stays with ``valid = False`` and zero pixels, for the consumer to count.
+    ``decode="gpu"`` (resolved by :func:`simsiam.data.device_decode.resolve`): the JPEG bytes and the
+    same crop boxes instead of the views, for the worker to decode on its device.
     """
     ds = _read(data_cfg, path, "data.path", shuffle_seed=int(seed))
     s = data_cfg.image_size
     return ds.map_batches(
-        batches.train_batch, batch_format="pyarrow", batch_size=_rows_per_batch(s, 2), num_cpus=_task_cpus(data_cfg),
+        batches.train_batch_encoded if decode == "gpu" else batches.train_batch,
+        batch_format="pyarrow", batch_size=_rows_per_batch(s, 2), num_cpus=_task_cpus(data_cfg),
         fn_kwargs={"image_size": s, "min_scale": data_cfg.crop_min_scale, "max_pixels": data_cfg.max_pixels,
                    "on_bad_image": data_cfg.on_bad_image, "seed": int(seed)},
     )
@@ -227,20 +232,28 @@ def _clean_errors(batches: Iterator) -> Iterator:
 
 
 def iter_train_batches(shard: Any, data_cfg: DataConfig, batch_size: int, seed: int, epoch: int,
-                       device: torch.device | str | None = None
+                       device: torch.device | str | None = None, decode: str = "cpu"
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """One epoch of (view1, view2, n_skipped) uint8 batches from a train worker's shard.
+    """One epoch of (view1, view2, n_skipped) uint8 batches from a train worker's shard, on ``device``.
 
     ``shard`` is what ``ray.train.get_dataset_shard`` returns (a DataIterator) or a Dataset. Bad rows
     skipped under ``data.on_bad_image: skip`` are removed and counted in ``n_skipped``, so a batch can
     hold fewer than ``batch_size`` rows - even none. Every underlying batch is yielded, so all workers
-    of a streaming split see the same number of steps (DDP needs that).
+    of a streaming split see the same number of steps (DDP needs that). ``decode`` must match the
+    dataset's (:func:`train_dataset`). For a CUDA device, batches are pinned on Ray's prefetch threads
+    and copied without blocking.
     """
+    device = torch.device(device if device is not None else "cpu")
+    if decode == "gpu":
+        from simsiam.data.device_decode import iter_views
+
+        yield from iter_views(shard, data_cfg, batch_size, seed, epoch, device)
+        return
     buffer = data_cfg.shuffle_buffer or None
     for batch in _clean_errors(shard.iter_torch_batches(
         batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=buffer,
         local_shuffle_seed=(seed + epoch) if buffer else None, prefetch_batches=data_cfg.prefetch_batches,
-        device=device if device is not None else "cpu",
+        device=device, pin_memory=device.type == "cuda",
     )):
         v1, v2, valid = batch["view1"], batch["view2"], batch["valid"]
         n_bad = int((~valid).sum())
