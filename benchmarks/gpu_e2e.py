@@ -121,11 +121,20 @@ def _sgd(net: torch.nn.Module, cfg: C.Config, batch: int, impl: str) -> torch.op
     return torch.optim.SGD(groups, lr=groups[0]["lr"], foreach=impl == "foreach", fused=impl == "fused")
 
 
-def compute_limit(cfg: C.Config, batch: int, steps: int, warmup: int, device: torch.device, *,
-                  sgd: str = "default", cudnn_benchmark: bool = True, metrics: str = "deferred",
-                  compile_mode: str | None = None) -> float:
-    """Pairs/s of the trainer's step on views already on ``device`` (metrics: deferred = the trainer's
-    read-back every log_every steps, synced = every step)."""
+def compute_limit(cfg: C.Config, batch: int, steps: int, warmup: int, device: torch.device, **lever) -> float:
+    """Pairs/s of the trainer's step on views already on ``device``; ``lever``: see :func:`_step_loop`.
+    The GPU memory it used goes back to the device afterwards, for the Ray Train runs that follow."""
+    try:
+        return _step_loop(cfg, batch, steps, warmup, device, **lever)
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _step_loop(cfg: C.Config, batch: int, steps: int, warmup: int, device: torch.device, *,
+               sgd: str = "default", cudnn_benchmark: bool = True, metrics: str = "deferred",
+               compile_mode: str | None = None) -> float:
+    """metrics: deferred = the trainer's read-back every log_every steps, synced = every step."""
     from simsiam.metrics import effective_rank
     from simsiam.model import SimSiam
     from simsiam.step import SimSiamStep, StepMetrics
@@ -167,8 +176,6 @@ def compute_limit(cfg: C.Config, batch: int, steps: int, warmup: int, device: to
         return batch * steps / (time.perf_counter() - t0)
     finally:
         torch.backends.cudnn.benchmark = saved_bench
-        if on_gpu:
-            torch.cuda.empty_cache()
 
 
 def _sync(device: torch.device) -> None:

@@ -110,7 +110,8 @@ class DataConfig:
     decode: str = _f("auto", "where training images are decoded and cropped: cpu (in Ray Data tasks, PIL), gpu "
                              "(JPEG bytes + crop boxes travel; the train worker decodes a batch on its device with "
                              "torchvision's decode_jpeg, nvjpeg on CUDA, and crops there; JPEG data only), auto "
-                             "(gpu when train.use_gpu and the shards hold JPEG, else cpu)",
+                             "(gpu when train.use_gpu and the shards hold JPEG, else cpu). gpu on CPU-only workers "
+                             "decodes there, much slower than cpu: for tests",
                      choices=("auto", "cpu", "gpu"))
     data_cpus: float = _f(0.0, "CPU cap for Ray Data tasks (0 = Ray's default)", ge=0.0)
     cache_dir: str = _f("", "where builtin sets are converted; empty = ~/.cache/simsiam")

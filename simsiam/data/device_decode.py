@@ -137,16 +137,16 @@ def _axis_weights(in_size: np.ndarray, start: np.ndarray, length: np.ndarray, ou
     return (w / w.sum(dim=-1, keepdim=True)).to(torch.float32), first, width
 
 
-def crop_resize_flip(images: list[torch.Tensor], crop: np.ndarray, flip: np.ndarray, size: int) -> torch.Tensor:
+def crop_resize_flip(images: list[torch.Tensor], crop: np.ndarray, flip: np.ndarray, size: int,
+                     device: torch.device) -> torch.Tensor:
     """Decoded (3, H, W) uint8 images, per-view boxes (N, V, 4) = (top, left, h, w) and flips (N, V) ->
-    (V, N, 3, size, size) uint8 on the images' device.
+    (V, N, 3, size, size) uint8 on ``device`` (the images' device).
 
     The resize is PIL's antialiased bilinear ``resize(box=...)`` (the CPU path's) as two float32 matrix
     products per view, horizontal then vertical with the intermediate rounded to uint8 as PIL does;
     what differs from PIL is its fixed-point arithmetic (22-bit coefficients), so views match within
     a few levels at most (tests/test_device_decode.py states the bound)."""
     n, views = crop.shape[:2]
-    device = images[0].device if images else torch.device("cpu")
     out = torch.empty((views, n, 3, size, size), dtype=torch.float32, device=device)
     if n:
         boxes = crop.reshape(-1, 4).astype(np.float64)  # row-major: image i, view v at i * views + v
@@ -182,7 +182,7 @@ def decode_views(batch: dict[str, Any], image_size: int, device: torch.device | 
     ok = [j for j, img in enumerate(decoded) if img is not None]
     rows = keep[ok]
     views = crop_resize_flip([decoded[j] for j in ok], np.asarray(batch["crop"])[rows],
-                             np.asarray(batch["flip"])[rows], image_size)
+                             np.asarray(batch["flip"])[rows], image_size, device)
     return views[0], views[1], int(len(valid) - len(keep)) + n_bad
 
 
