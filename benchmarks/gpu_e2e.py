@@ -28,7 +28,8 @@ Compute-limit levers (issue 13's item 2), each measured on the compute-limit loo
 its gain over the trainer's settings under ``levers``: cudnn.benchmark off (to show what it buys),
 SGD for-loop / foreach / fused, a larger per-GPU batch, metrics read back every step (host syncs)
 against the trainer's deferred read-back, torch.compile of the model, and torch.compile
-``mode="reduce-overhead"`` (CUDA graphs; static shapes). ``--levers`` picks a subset; levers that
+``mode="reduce-overhead"`` (CUDA graphs; static shapes), torch.compile of the photometric augmentation.
+``--levers`` picks a subset; levers that
 cannot run here (CUDA-only, or compile under --quick) are listed under ``levers.not_measured`` with
 the reason, so no figure is mistaken for measured.
 """
@@ -52,7 +53,7 @@ from simsiam.io import atomic_write_json
 
 TARGET = 0.9
 LEVERS = ("cudnn_benchmark_off", "sgd_for_loop", "sgd_fused", "batch_x2", "metrics_synced_each_step",
-          "compile", "compile_cudagraphs")
+          "compile", "compile_cudagraphs", "compile_augment")
 # Levers start only before this many seconds into the run, to keep the whole script under 8 minutes.
 LEVER_DEADLINE_S = 390
 CUDA_ONLY = {"cudnn_benchmark_off": "cuDNN is CUDA-only", "compile_cudagraphs": "CUDA graphs need CUDA"}
@@ -133,7 +134,7 @@ def compute_limit(cfg: C.Config, batch: int, steps: int, warmup: int, device: to
 
 def _step_loop(cfg: C.Config, batch: int, steps: int, warmup: int, device: torch.device, *,
                sgd: str = "default", cudnn_benchmark: bool = True, metrics: str = "deferred",
-               compile_mode: str | None = None) -> float:
+               compile_mode: str | None = None, compile_augment: bool = False) -> float:
     """metrics: deferred = the trainer's read-back every log_every steps, synced = every step."""
     from simsiam.metrics import effective_rank
     from simsiam.model import SimSiam
@@ -150,6 +151,8 @@ def _step_loop(cfg: C.Config, batch: int, steps: int, warmup: int, device: torch
         opt = _sgd(net, cfg, batch, sgd)
         model = torch.compile(net, mode=compile_mode) if compile_mode is not None else net
         step = SimSiamStep(model, cfg, device)
+        if compile_augment:
+            step.augment = torch.compile(step.augment)
         s = cfg.data.image_size
         gen = torch.Generator(device=device).manual_seed(0)
         v1 = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device, generator=gen)
@@ -194,6 +197,7 @@ def measure_levers(cfg: C.Config, batch: int, steps: int, warmup: int, device: t
         "metrics_synced_each_step": dict(metrics="synced"),
         "compile": dict(compile_mode="default"),
         "compile_cudagraphs": dict(compile_mode="reduce-overhead"),
+        "compile_augment": dict(compile_augment=True),
     }
     out: dict = {"baseline_pairs_per_s": round(base, 1), "results": {}, "not_measured": {}}
     for name in levers:

@@ -129,6 +129,14 @@ def test_decode_mode_resolution(tmp_path):
     with pytest.raises(DataError, match=r"data.decode=gpu: .*png/part-00000.parquet: row id='p0' holds a PNG "
                                         r"image, but GPU decode reads only JPEG; use data.decode=cpu"):
         resolve(gpu, str(png), use_gpu=True)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_shard(raw / "part-00000.parquet", [])  # an empty first shard is passed over
+    write_shard(raw / "part-00001.parquet", [{"image": bytes(48), "label": 0, "id": "r0", "height": 4, "width": 4,
+                                              "channels": 3}])
+    assert resolve(auto, str(raw), use_gpu=True) == "cpu"
+    with pytest.raises(DataError, match=r"part-00001.parquet: row id='r0' holds raw pixels, but GPU decode"):
+        resolve(gpu, str(raw), use_gpu=True)
 
 
 def test_decode_config_field():

@@ -31,30 +31,33 @@ __all__ = ["resolve", "sample_format", "decode_views", "iter_views"]
 
 
 def sample_format(path: str, max_rows: int = 8) -> tuple[str, str]:
-    """(format, where) of the first encoded image among the first rows of the dataset's first shard:
-    PIL's format name, or ``"raw pixels"``; ``where`` names the shard and row. Reads one small batch."""
+    """(format, where) of the first readable image of the dataset's first non-empty shard: PIL's format
+    name (``"JPEG"``, ``"PNG"``...), ``"raw pixels"``, or ``"unreadable"`` when none of its first
+    ``max_rows`` rows has a readable header; ``where`` names the shard and row. Reads one small batch."""
     import pyarrow.parquet as pq
 
     from simsiam.data.decode import BadImage, probe
 
-    shard = validate_shards(path, "data.path").shards[0]
-    fs, inner = filesystem(shard)
-    with fs.open_input_file(inner) as f:
-        pf = pq.ParquetFile(f)
-        cols = [c for c in ("image", "id", "height") if c in pf.schema_arrow.names]
-        batch = next(pf.iter_batches(batch_size=max_rows, columns=cols))
-    table = batch.to_pydict()
-    heights = table.get("height") or [None] * len(table["image"])
-    fmt, where = "unreadable", f"{shard}: first rows"
-    for i, data in enumerate(table["image"]):
-        where = f"{shard}: row id={table['id'][i]!r}"
-        if heights[i] is not None:
-            return "raw pixels", where
-        try:
-            return probe(data, 1 << 62)[0], where
-        except BadImage:
-            continue  # a bad row says nothing about the format; the pipeline reports it
-    return fmt, where
+    for shard in validate_shards(path, "data.path").shards:
+        fs, inner = filesystem(shard)
+        with fs.open_input_file(inner) as f:
+            pf = pq.ParquetFile(f)
+            cols = [c for c in ("image", "id", "height") if c in pf.schema_arrow.names]
+            table = next(pf.iter_batches(batch_size=max_rows, columns=cols), None)
+        if table is None or table.num_rows == 0:
+            continue
+        rows = table.to_pydict()
+        heights = rows.get("height") or [None] * table.num_rows
+        for i, data in enumerate(rows["image"]):
+            where = f"{shard}: row id={rows['id'][i]!r}"
+            if heights[i] is not None:
+                return "raw pixels", where
+            try:
+                return probe(data, 1 << 62)[0], where
+            except BadImage:
+                continue  # a bad row says nothing about the format; the pipeline reports it
+        return "unreadable", f"{shard}: first {table.num_rows} rows"
+    return "unreadable", f"{path}: every shard"
 
 
 def resolve(data_cfg: DataConfig, path: str, use_gpu: bool) -> str:
@@ -68,7 +71,8 @@ def resolve(data_cfg: DataConfig, path: str, use_gpu: bool) -> str:
         return "gpu"
     if data_cfg.decode == "auto":
         return "cpu"
-    raise DataError(f"data.decode=gpu: {where} holds a {fmt} image, but GPU decode reads only JPEG; use "
+    held = {"raw pixels": "raw pixels", "unreadable": "no readable image header"}.get(fmt, f"a {fmt} image")
+    raise DataError(f"data.decode=gpu: {where} holds {held}, but GPU decode reads only JPEG; use "
                     "data.decode=cpu (or auto, which picks cpu for data that is not JPEG)")
 
 
