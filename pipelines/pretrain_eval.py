@@ -6,7 +6,12 @@
 
 With no arguments it runs the `sample` preset (built-in digits, small ResNet) on a local Ray cluster it
 starts itself, or on the cluster in $RAY_ADDRESS (as under `ray job submit`). Rerunning with the same
-run name and out-dir resumes from the latest checkpoint. Writes DIR/results.json.
+run name and out-dir resumes from the latest checkpoint.
+
+The console shows only the run's own lines (data, Ray, one line per epoch, the evaluation, where the
+results are); Ray's output goes to OUT_DIR/ray.log (--verbose shows it). The data is checked before
+Ray starts. Writes OUT_DIR/results.json (status finished | collapsed | diverged | failed, with the
+reason, for every outcome) and OUT_DIR/run_summary.png.
 """
 from __future__ import annotations
 
@@ -29,42 +34,103 @@ def build_parser(prog: str = "python -m pipelines.pretrain_eval") -> argparse.Ar
                    help="override a config field by dotted name, e.g. --set optim.base_lr=0.1 (repeatable); "
                         "'simsiam config --list' lists every field")
     p.add_argument("--out-dir", default=None,
-                   help="where results.json, the TensorBoard logs and (by default) checkpoints go "
-                        "(default: runs/<run.name>)")
+                   help="where results.json, run_summary.png, ray.log, the TensorBoard logs and (by default) "
+                        "checkpoints go (default: runs/<run.name>)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else start a local cluster)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's own output (progress bars, INFO lines, worker logs) on the console; by "
+                        "default it goes to OUT_DIR/ray.log")
     return p
 
 
+def _empty_results(cfg: C.Config) -> dict:
+    return {"status": "failed", "reason": "", "epochs_completed": 0, "linear_top1": None, "linear_top5": None,
+            "knn_top1": None, "collapse_std": None, "effective_rank": None, "pairs_per_s": None,
+            "skipped_images": 0, "checkpoint": None, "run_path": None, "tensorboard": None, "history": [],
+            "config": cfg.to_dict()}
+
+
 def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -> dict:
-    """Pretrain then evaluate; write and return ``out_dir/results.json``. Never raises for a failed run:
-    the failure is in the results with status 'failed' and its reason."""
-    from simsiam.data import resolve_paths
-    from simsiam.evaluate import linear_eval
-    from simsiam.ray_utils import init_ray
-    from simsiam.train import pretrain
+    """Check the data, pretrain, evaluate; write and return ``out_dir/results.json`` (and
+    ``run_summary.png``). Never raises for a failed run, whatever failed - bad data found before Ray
+    starts, training, evaluation: results.json has status 'failed' and the reason."""
+    from simsiam import console
+    from simsiam.config import ConfigError
+    from simsiam.data.schema import DataError
 
     t0 = time.time()
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    storage = cfg.run.storage_path or str(out_dir / "ray")
     C.dump(cfg, out_dir / "config.yaml")
+    results = _empty_results(cfg)
+    try:
+        _run(cfg, out_dir, address, results)
+    except (DataError, ConfigError, sio.StorageError) as e:  # found before any work: the message says what to fix
+        results.update(status="failed", reason=str(e))
+    except Exception as e:  # noqa: BLE001 - recorded in results.json; the traceback goes to the log
+        where = console.log_exception(e)
+        results.update(status="failed", reason=f"{console.one_line(e)} (traceback in {where})")
+    results["wall_s"] = round(time.time() - t0, 2)
+    atomic_write_json(out_dir / "results.json", results)
+    try:
+        from simsiam.run_summary import FILE, plot_run_summary
+
+        results["run_summary"] = plot_run_summary(results, out_dir / FILE)
+    except Exception as e:  # noqa: BLE001 - a picture that cannot be drawn does not fail the run
+        console.warn(f"run_summary.png not drawn: {type(e).__name__}: {e} (traceback in {console.log_exception(e)})")
+    storage = cfg.run.storage_path or str(out_dir / "ray")
+    if sio.is_uri(storage) and results.get("run_path"):
+        # On a cluster the out-dir is the head's local disk (gone with a KubeRay pod): keep a copy by the run.
+        atomic_write_json(sio.join(storage, cfg.run.name, "results.json"), results)
+    return results
+
+
+def _run(cfg: C.Config, out_dir: Path, address: str | None, results: dict) -> None:
+    from simsiam import console
+    from simsiam.data.preflight import preflight
+
+    storage = cfg.run.storage_path or str(out_dir / "ray")
     sio.check_locations({"data.path": cfg.data.path, "data.eval_path": cfg.data.eval_path},
                         {"run.storage_path": cfg.run.storage_path})
-    where = init_ray(address)
-    print(f"[simsiam] running '{cfg.run.name}' on {where}", flush=True)
-    train_path, eval_path = resolve_paths(cfg.data)
-    print(f"[simsiam] data: train {train_path}, eval {eval_path}; checkpoints in {storage}/{cfg.run.name}",
-          flush=True)
+    data = preflight(cfg.data, labeled_eval=bool(cfg.train.knn_every or cfg.eval.enabled))
+    console.say(f"data: train {data.train_path} ({data.train_rows} rows, {data.train_shards} shard(s)), "
+                f"eval {data.eval_path} ({data.eval_rows} rows)")
+    for w in data.warnings:
+        console.warn(w)
 
-    pre = pretrain(cfg, train_path, eval_path, storage, linear_fit_path=train_path)
+    from simsiam.evaluate import linear_eval
+    from simsiam.ray_utils import init_ray
+    from simsiam.train import pretrain
+
+    console.say("connecting to Ray" if (address or os.environ.get("RAY_ADDRESS")) else "starting a local Ray cluster")
+    console.say(f"Ray: {init_ray(address)}")
+    console.say(f"starting {cfg.train.num_workers} training worker(s) and the data pipeline; "
+                f"checkpoints in {storage}/{cfg.run.name}")
+    state = {"t": time.time(), "epoch": 0, "first": True}
+
+    def on_report(m: dict) -> None:
+        if state["first"] and int(m.get("epoch", 1)) > 1:
+            console.say(f"resumed from the epoch {int(m['epoch']) - 1} checkpoint")
+        state.update(t=time.time(), epoch=int(m.get("epoch", 0)), first=False)
+        console.say(console.epoch_line(m, cfg.train.epochs))
+
+    def on_idle() -> None:
+        waited = time.time() - state["t"]
+        if state["first"]:
+            console.progress(f"waiting for the workers and the first batches ... {waited:.0f} s")
+        elif state["epoch"] < cfg.train.epochs:
+            console.progress(f"epoch {state['epoch'] + 1}/{cfg.train.epochs} running ... {waited:.0f} s")
+        else:
+            console.progress(f"linear evaluation running ... {waited:.0f} s")
+
+    pre = pretrain(cfg, data.train_path, data.eval_path, storage, linear_fit_path=data.train_path,
+                   on_report=on_report, on_idle=on_idle)
     last = pre.last
-    results: dict = {
+    results.update({
         "status": pre.status,
         "reason": pre.reason,
         "epochs_completed": len(pre.history),
-        "linear_top1": None,
-        "linear_top5": None,
         "knn_top1": next((h["knn_top1"] for h in reversed(pre.history) if h.get("knn_top1") is not None), None),
         "collapse_std": last.get("collapse_std"),
         "effective_rank": last.get("effective_rank"),
@@ -74,45 +140,61 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
         "run_path": pre.run_path,
         "tensorboard": f"{pre.run_path}/tensorboard" if pre.run_path else None,
         "history": pre.history,
-        "config": cfg.to_dict(),
-    }
+    })
     if pre.status == "finished" and cfg.eval.enabled and pre.checkpoint:
         try:
             ev = pre.linear_result()
             if ev is None:  # the full protocol runs as its own Ray Train run
-                print(f"[simsiam] linear evaluation ({cfg.eval.linear.protocol} protocol) of {pre.checkpoint}",
-                      flush=True)
-                ev = linear_eval(cfg, pre.checkpoint, train_path, eval_path, storage)
+                console.say(f"linear evaluation ({cfg.eval.linear.protocol} protocol) of {pre.checkpoint}")
+                ev = linear_eval(cfg, pre.checkpoint, data.train_path, data.eval_path, storage)
             results.update(linear_top1=ev["top1"], linear_top5=ev["top5"], linear_eval=ev)
+            how = "cached, in this run" if ev.get("in_run") else f"{cfg.eval.linear.protocol} protocol"
+            skipped = f", {ev['skipped']} unusable rows skipped" if ev.get("skipped") else ""
+            console.say(f"linear evaluation ({how}): top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%{skipped}")
         except Exception as e:  # noqa: BLE001 - a failed evaluation is recorded, the pretraining result kept
-            results.update(status="failed", reason=f"linear evaluation failed: {type(e).__name__}: {e}")
-    results["wall_s"] = round(time.time() - t0, 2)
-    atomic_write_json(out_dir / "results.json", results)
-    if sio.is_uri(storage):
-        # On a cluster the out-dir is the head's local disk (gone with a KubeRay pod): keep a copy by the run.
-        atomic_write_json(sio.join(storage, cfg.run.name, "results.json"), results)
-    return results
+            console.log_exception(e)
+            results.update(status="failed", reason=f"linear evaluation failed: {console.one_line(e)}")
+
+
+def _final_lines(res: dict, out_dir: Path) -> None:
+    from simsiam import console
+
+    for line in console.baseline_lines(res):
+        console.say(line)
+    top1 = f"{res['linear_top1']:.2f}%" if res["linear_top1"] is not None else "n/a"
+    skipped = f", {res['skipped_images']} bad images skipped" if res.get("skipped_images") else ""
+    summary = (f"{res['status']}: {res['epochs_completed']} epochs, linear top-1 {top1}{skipped}, "
+               f"wall {res['wall_s']:.0f} s")
+    if res["status"] == "failed":
+        console.error(summary + (f" - {res['reason']}" if res["reason"] else ""))
+    else:
+        console.say(summary + (f" ({res['reason']})" if res["reason"] else ""))
+    console.say(f"results: {out_dir / 'results.json'}")
+    if res.get("run_summary"):
+        console.say(f"summary plot: {res['run_summary']}")
+    if res.get("tensorboard"):
+        console.say(f"TensorBoard: tensorboard --logdir {res['tensorboard']}")
+    if console.log_path() is not None:
+        console.say(f"Ray's output and tracebacks: {console.log_path()}")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipelines.pretrain_eval") -> int:
+    from simsiam import console
+
     args = build_parser(prog).parse_args(argv)
     try:
         cfg = C.load(args.config, args.overrides)
     except C.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
+        if args.out_dir:  # every failure leaves results.json where the user asked for it
+            atomic_write_json(Path(args.out_dir) / "results.json", {"status": "failed", "reason": f"config error: {e}"})
         return 2
-    out_dir = args.out_dir or os.path.join("runs", cfg.run.name)
-    try:
+    out_dir = Path(args.out_dir or os.path.join("runs", cfg.run.name)).resolve()
+    with console.session(out_dir, verbose=args.verbose) as log:
+        console.say(f"run '{cfg.run.name}' ({args.config}): {cfg.train.epochs} epochs -> {out_dir} "
+                    f"(Ray's output: {log}{' and the console' if args.verbose else ''})")
         res = run(cfg, out_dir, args.address)
-    except sio.StorageError as e:
-        print(f"storage error: {e}", file=sys.stderr)
-        return 2
-    top1 = f"{res['linear_top1']:.2f}%" if res["linear_top1"] is not None else "n/a"
-    print(f"[simsiam] {res['status']}: {res['epochs_completed']} epochs, linear top-1 {top1}, "
-          f"wall {res['wall_s']:.0f} s" + (f" ({res['reason']})" if res["reason"] else ""))
-    print(f"[simsiam] results: {Path(out_dir).resolve() / 'results.json'}")
-    if res["tensorboard"]:
-        print(f"[simsiam] TensorBoard: tensorboard --logdir {res['tensorboard']}")
+        _final_lines(res, out_dir)
     return 0 if res["status"] == "finished" else 1
 
 

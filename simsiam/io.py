@@ -425,3 +425,12 @@ def delete_if_version(path: str | os.PathLike, version: str) -> None:
         if _local_version(p) != version:
             raise PreconditionFailed(f"{path}: changed by someone else")
         p.unlink()
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike, dpi: int = 110) -> None:
+    """Save a matplotlib figure as PNG without ever leaving half an image at ``path``."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())

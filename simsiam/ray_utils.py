@@ -18,14 +18,39 @@ def init_ray(address: str | None = None, **kwargs) -> str:
     if address:
         ray.init(address=address, **kwargs)
         return f"the Ray cluster at {address}"
+    local_cluster_env()
     # address="local": always a new cluster, never one left running on this machine by someone else.
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     res = ray.cluster_resources()
-    return f"a local Ray cluster ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU)"
+    return f"a local Ray cluster ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; {auth_mode()})"
+
+
+def local_cluster_env() -> None:
+    """Output-only settings for a local cluster, made before it starts (its processes inherit them).
+
+    Ray Train's preemption watcher is for cloud spot/preemptible nodes; a local cluster has none, and
+    starting the watcher actor logs an ``E ... core_worker.cc ... max_restarts > 0`` line that reads
+    like a failure. Off here; clusters joined by address keep it."""
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+
+
+def auth_mode() -> str:
+    """The auth mode of the cluster this process started, in words.
+
+    Ray 2.60 turns token auth on for a new local cluster when RAY_AUTH_MODE is unset (and logs a
+    WARNING saying so, to ray.log): it sets RAY_AUTH_MODE=token in this process and uses
+    ~/.ray/auth_token, made if missing. RAY_AUTH_MODE=disabled before the command opts out."""
+    mode = os.environ.get("RAY_AUTH_MODE", "disabled").lower()
+    if mode == "token":
+        return "token auth, token in ~/.ray/auth_token; RAY_AUTH_MODE=disabled turns it off"
+    return f"auth mode '{mode}' (RAY_AUTH_MODE)"
 
 
 def worker_print(msg: str) -> None:
-    """One progress line from a Ray Train worker, shown once on the driver.
+    """A line from a Ray Train worker for the run's log (ray.log; the console with --verbose).
+
+    The console's lines about training are printed by the driver from reported metrics
+    (:mod:`simsiam.console`); this is for what only the worker knows.
 
     Train V2 replaces ``print`` in its workers with one that writes to the Train logger and, when
     ``sys.stdout`` is wrapped (as under Ray), also to stdout: both copies reach the driver. The

@@ -20,7 +20,9 @@ import hashlib
 import math
 import os
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from simsiam.augment import normalize
 from simsiam.config import Config, from_dict
 from simsiam.data import device_decode
 from simsiam.data import pipeline as data_pipeline
+from simsiam.data.schema import DataError
 from simsiam.evaluate import linear_eval_cached_on_shards
 from simsiam.metrics import CollapseGuard, knn_accuracy
 from simsiam.model import SimSiam
@@ -135,9 +138,6 @@ def _linear_eval_in_run(backbone: nn.Module, cfg: Config, num_classes: int, devi
                       "in_run": True}
         except Exception as e:  # noqa: BLE001 - the pretraining stands; its caller records the failed evaluation
             result = {"error": f"{type(e).__name__}: {e}"}
-        else:
-            worker_print(f"[simsiam] linear evaluation (cached, in this run): top-1 {result['top1']:.2f}%, "
-                         f"top-5 {result['top5']:.2f}%")
     if world > 1:
         dist.barrier()
     return result
@@ -283,11 +283,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
                         "epoch/pairs_per_s": record["pairs_per_s"], "epoch/skipped_images": record["skipped_images"]},
                        epoch + 1)
             tb.sync()
-        if rank == 0:
-            knn = f" knn {record['knn_top1']:.1f}%" if record["knn_top1"] is not None else ""
-            worker_print(f"[simsiam] epoch {epoch + 1}/{cfg.train.epochs} loss {record['loss']:.4f} "
-                         f"std {record['collapse_std']:.4f} rank {record['effective_rank']:.1f}{knn} "
-                         f"{record['pairs_per_s']:.0f} pairs/s lr {lr:.4g} workers {world}")
+        # The console's epoch line is the driver's, from this report (simsiam.console.epoch_line).
         metrics = {k_: v for k_, v in record.items() if v is not None}
         if (epoch + 1) % cfg.train.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
@@ -351,6 +347,58 @@ class PretrainResult:
         return self.linear
 
 
+def data_error_in(exc: BaseException | None) -> DataError | None:
+    """Our DataError inside the wrappers Ray Train puts around a worker's exception, if any."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if type(exc) is DataError:
+            return exc
+        exc = getattr(exc, "_base_exc", None) or getattr(exc, "controller_failure", None) or exc.__cause__
+        seen += 1
+    return None
+
+
+class FailFastOnDataError(ray.train.UserCallback):
+    """A bad row is a deterministic error: retrying it (``train.max_failures`` times, each restarting the
+    worker group) only fails later with the same row. Raising it here, in the Train controller, makes it a
+    controller error, which Ray Train's failure policy does not retry: the run ends at once, its reason
+    the one-line DataError naming shard and row."""
+
+    def after_exception(self, run_context: Any, worker_exceptions: dict[int, Exception]) -> None:
+        for exc in worker_exceptions.values():
+            found = data_error_in(exc)
+            if found is not None:
+                raise DataError(str(found).splitlines()[0])
+
+
+class ReportRelay(ray.train.UserCallback):
+    """Sends rank 0's reported metrics from the Train controller to the driver, through a Ray queue, so
+    the driver prints each epoch's line itself (intact, in order, none lost at exit)."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+        if metrics:
+            self.queue.put(dict(metrics[0]))
+
+
+def _relay(queue: Any, on_report: Callable[[dict], None], done: threading.Event,
+           on_idle: Callable[[], None] | None) -> None:
+    from queue import Empty
+
+    while True:
+        try:
+            item = queue.get(timeout=0.5)
+        except Empty:
+            if done.is_set():
+                return
+            if on_idle is not None:
+                on_idle()
+            continue
+        on_report(item)
+
+
 def build_trainer(cfg: Config, train_path: str, eval_path: str | None, storage_path: str,
                   callbacks: list | None = None, linear_fit_path: str | None = None):
     """The TorchTrainer for one pretraining run; rerunning with the same run.name resumes it.
@@ -383,7 +431,7 @@ def build_trainer(cfg: Config, train_path: str, eval_path: str | None, storage_p
         storage_path=storage_path,
         failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints),
-        callbacks=callbacks,
+        callbacks=[FailFastOnDataError(), *(callbacks or [])],
     )
     return TorchTrainer(
         train_loop_per_worker,
@@ -398,24 +446,62 @@ def build_trainer(cfg: Config, train_path: str, eval_path: str | None, storage_p
 
 
 def pretrain(cfg: Config, train_path: str, eval_path: str | None, storage_path: str,
-             callbacks: list | None = None, linear_fit_path: str | None = None) -> PretrainResult:
+             callbacks: list | None = None, linear_fit_path: str | None = None,
+             on_report: Callable[[dict], None] | None = None,
+             on_idle: Callable[[], None] | None = None) -> PretrainResult:
     """Run (or resume) pretraining to the end; never raises for a failed run - it returns status 'failed'.
 
     With ``linear_fit_path`` (and ``eval.enabled``, the cached protocol, labeled data) a finished run
-    also linear-evaluates its final weights before its workers stop: ``result.linear``."""
+    also linear-evaluates its final weights before its workers stop: ``result.linear``.
+    ``on_report`` is called on this (the driver's) process with each epoch's reported metrics, in order,
+    all of them before this returns; ``on_idle`` about twice a second in between (progress display)."""
+    callbacks = list(callbacks or [])
+    relay = None
+    if on_report is not None:
+        from ray.util.queue import Queue
+
+        queue = Queue(actor_options={"num_cpus": 0})
+        callbacks.append(ReportRelay(queue))
+        done = threading.Event()
+        relay = threading.Thread(target=_relay, args=(queue, on_report, done, on_idle), daemon=True,
+                                 name="simsiam-report-relay")
+        relay.start()
     trainer = build_trainer(cfg, train_path, eval_path, storage_path, callbacks, linear_fit_path)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         latest = _with_scheme(_latest_checkpoint_path(storage_path, cfg.run.name), storage_path)
         history = _history_from_checkpoint(latest)
-        return PretrainResult("failed", f"training failed: {e}", history, latest,
-                              os.path.join(storage_path, cfg.run.name))
+        from simsiam import console
+
+        if console.log_path() is not None:
+            console.log_exception(e)
+        bad = data_error_in(e)
+        reason = (f"bad data: {str(bad).splitlines()[0]}" if bad is not None
+                  else f"training failed: {_failure_reason(e)}")
+        return PretrainResult("failed", reason, history, latest, os.path.join(storage_path, cfg.run.name))
+    finally:
+        if relay is not None:
+            done.set()  # every report was queued before fit() returned: the relay drains, then stops
+            relay.join()
+            ray.kill(queue.actor)
     summary = result.return_value or {}
     ckpt = _with_scheme(result.checkpoint.path, storage_path) if result.checkpoint is not None else None
     return PretrainResult(summary.get("status", "failed"), summary.get("reason", "no summary returned"),
                           summary.get("history", []), ckpt, result.path, summary.get("replicas", []),
                           summary.get("linear"))
+
+
+def _failure_reason(e: BaseException) -> str:
+    """A failed run's reason in one line: the first failing worker's (or the controller's) exception,
+    without the tracebacks Ray Train puts in its message (those go to the run's log)."""
+    from simsiam.console import one_line
+
+    failures = getattr(e, "worker_failures", None)
+    if failures:
+        rank, exc = min(failures.items(), key=lambda kv: kv[0])
+        return f"worker rank {rank}: {one_line(exc)}"
+    return one_line(getattr(e, "controller_failure", None) or e)
 
 
 def _with_scheme(path: str | None, storage_path: str) -> str | None:
