@@ -51,6 +51,8 @@ def build_parser(prog: str = "python -m pipelines.ablate") -> argparse.ArgumentP
                    help="at most this many runs at once (default: as many as the cluster fits)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else start a local cluster)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's and Tune's own output on the console; by default it goes to DIR/ray.log")
     return p
 
 
@@ -64,12 +66,8 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
                   out_dir: str | os.PathLike, guard: bool = False, max_concurrent: int | None = None,
                   address: str | None = None) -> dict:
     """Run (or resume) the selected studies and write ablations.md/.csv/.png; returns a summary."""
-    import ray
-    import ray.tune
-
-    from simsiam.data import pipeline as data_pipeline
-    from simsiam.data import resolve_paths
-    from simsiam.ray_utils import init_ray
+    from simsiam import console
+    from simsiam.data.preflight import preflight
 
     if seeds < 1:
         raise C.ConfigError(f"--seeds: must be >= 1, got {seeds}")
@@ -78,15 +76,26 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
     cfg = ablation_config(base, guard)
     pairs = A.select(studies, variants)
     seed_list = [base.train.seed + i for i in range(seeds)]
-    where = init_ray(address)
-    train_path, eval_path = resolve_paths(cfg.data)
-    grid = A.build_grid(cfg, pairs, data_pipeline.dataset_info(train_path)["num_rows"])
+    data = preflight(cfg.data)  # bad data fails here, before any Ray process starts
+    for w in data.warnings:
+        console.warn(w)
+    train_path, eval_path = data.train_path, data.eval_path
+    grid = A.build_grid(cfg, pairs, data.train_rows)
     spec = {"config": base.to_dict(), "runs": grid.runs, "seeds": seed_list, "collapse_guard": bool(guard)}
     S.claim_out_dir(out, "ablate.json", spec)
+
+    import ray
+    import ray.tune
+
+    from simsiam.ray_utils import init_ray
+    from simsiam.trial_console import TrialLines
+
+    console.say("connecting to Ray" if (address or os.environ.get("RAY_ADDRESS")) else "starting a local Ray cluster")
+    where = init_ray(address)
     total = ray.cluster_resources()
     concurrency = S.derive_concurrency(cfg, total, max_concurrent)
-    print(f"[simsiam] ablate: {len(grid.rows)} variants as {len(grid.runs)} distinct runs x {seeds} seed(s) on "
-          f"{where}; {concurrency} at a time; out {out}", flush=True)
+    console.say(f"ablate: {len(grid.rows)} variants as {len(grid.runs)} distinct runs x {seeds} seed(s) on "
+                f"{where}; {concurrency} at a time; out {out}")
 
     def tune_config():
         return ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency,
@@ -95,7 +104,9 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
     trainable = S.make_trainable(cfg, train_path, eval_path, str(out / S.EXPERIMENT / "runs"),
                                  variants=grid.runs, classify_collapse=True, report_history=True)
     param_space = {"variant": ray.tune.grid_search(grid.keys), "seed": ray.tune.grid_search(seed_list)}
-    result_grid, resumed = S.fit(out, trainable, tune_config, param_space=param_space)
+    lines = TrialLines(cfg.train.epochs, lambda m, err: S.classify(m, err, cfg.train.epochs), ["variant", "seed"],
+                       len(grid.runs) * len(seed_list))
+    result_grid, resumed = S.fit(out, trainable, tune_config, param_space=param_space, callbacks=[lines])
     records = S.collect_results(result_grid, cfg.train.epochs)
     release = S.wait_for_release(total)
     by_run = {(r.config.get("variant"), int(r.config.get("seed", -1))): r for r in records}
@@ -104,8 +115,8 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
     atomic_write_text(out / "ablations.md", A.markdown(agg, per_seed, cfg, seed_list, guard))
     S.write_csv(per_seed, out / "ablations.csv")
     A.plot_curves(grid, by_run, seed_list, out / "ablations.png", cfg)
-    print(S.format_table(agg, ["study", "variant", "linear_top1_mean", "linear_top1_std", "collapse_std",
-                               "effective_rank", "status", "paper_imagenet"]), flush=True)
+    console.text(S.format_table(agg, ["study", "variant", "linear_top1_mean", "linear_top1_std", "collapse_std",
+                                      "effective_rank", "status", "paper_imagenet"]))
     summary = {
         "variants": len(grid.rows), "runs": len(grid.runs) * len(seed_list), "resumed": resumed,
         "by_status": {s: sum(r["status"] == s for r in per_seed) for s in sorted({r["status"] for r in per_seed})},
@@ -117,18 +128,30 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipelines.ablate") -> int:
+    from simsiam import console
+    from simsiam.data.schema import DataError
+
     args = build_parser(prog).parse_args(argv)
     try:
         base = C.load(args.config, args.overrides)
         A.select(args.study, args.variant)  # name errors before any cluster starts
-        out_dir = args.out_dir or os.path.join("runs", f"ablate-{base.run.name}")
-        summary = run_ablations(base, args.study, args.variant, args.seeds, out_dir, guard=args.collapse_guard,
-                                max_concurrent=args.max_concurrent, address=args.address)
     except C.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    print(f"[simsiam] ablations done: {summary['runs']} runs {summary['by_status']}, wall {summary['wall_s']:.0f} s; "
-          f"{summary['markdown']}", flush=True)
+    out_dir = Path(args.out_dir or os.path.join("runs", f"ablate-{base.run.name}")).resolve()
+    with console.session(out_dir, verbose=args.verbose) as log:
+        console.say(f"ablate '{base.run.name}' -> {out_dir} (Ray's output: {log})")
+        try:
+            summary = run_ablations(base, args.study, args.variant, args.seeds, out_dir, guard=args.collapse_guard,
+                                    max_concurrent=args.max_concurrent, address=args.address)
+        except (C.ConfigError, DataError) as e:
+            console.error(str(e))
+            return 2
+        except Exception as e:  # noqa: BLE001 - one line here, the traceback in the log
+            console.error(f"{console.one_line(e)} (traceback in {console.log_exception(e)})")
+            return 1
+        console.say(f"ablations done: {summary['runs']} runs {summary['by_status']}, wall {summary['wall_s']:.0f} s; "
+                    f"{summary['markdown']}")
     failed = summary["by_status"].get("failed", 0) + summary["by_status"].get("missing", 0)
     return 0 if failed == 0 else 1
 

@@ -56,6 +56,8 @@ def build_parser(prog: str = "python -m pipelines.search") -> argparse.ArgumentP
                    help="ASHA: keep the top 1/factor of trials at each rung (default: 2)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else start a local cluster)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show Ray's and Tune's own output on the console; by default it goes to DIR/ray.log")
     return p
 
 
@@ -80,11 +82,8 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
                max_concurrent: int | None = None, grace: int = 1, reduction_factor: float = 2.0,
                address: str | None = None) -> dict:
     """Run (or resume) the search and write its outputs; returns the summary (also DIR/summary.json)."""
-    import ray
-    import ray.tune
-
-    from simsiam.data import resolve_paths
-    from simsiam.ray_utils import init_ray
+    from simsiam import console
+    from simsiam.data.preflight import preflight
 
     if trials < 1:
         raise C.ConfigError(f"--trials: must be >= 1, got {trials}")
@@ -98,12 +97,23 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
             "grace_epochs": grace, "reduction_factor": reduction_factor}
     S.claim_out_dir(out, "search.json", spec)
     exp = out / S.EXPERIMENT
+    data = preflight(cfg.data)  # bad data fails here, before any Ray process starts
+    for w in data.warnings:
+        console.warn(w)
+    train_path, eval_path = data.train_path, data.eval_path
+
+    import ray
+    import ray.tune
+
+    from simsiam.ray_utils import init_ray
+    from simsiam.trial_console import TrialLines
+
+    console.say("connecting to Ray" if (address or os.environ.get("RAY_ADDRESS")) else "starting a local Ray cluster")
     where = init_ray(address)
-    train_path, eval_path = resolve_paths(cfg.data)
     total = ray.cluster_resources()
     concurrency = S.derive_concurrency(cfg, total, max_concurrent)
-    print(f"[simsiam] search: {trials} trials over {', '.join(space.names)} on {where}; {concurrency} at a time; "
-          f"out {out}", flush=True)
+    console.say(f"search: {trials} trials over {', '.join(space.names)} on {where}; {concurrency} at a time; "
+                f"out {out}")
 
     if not ray.tune.Tuner.can_restore(str(exp)):
         # A driver killed before Tune's first experiment snapshot leaves an Optuna study no Tune
@@ -118,7 +128,8 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
             num_samples=trials, max_concurrent_trials=concurrency, trial_dirname_creator=S.trial_dirname)
 
     trainable = S.make_trainable(cfg, train_path, eval_path, str(exp / "runs"))
-    grid, resumed = S.fit(out, trainable, tune_config, strict_metrics=False)
+    lines = TrialLines(cfg.train.epochs, lambda m, err: S.classify(m, err, cfg.train.epochs), space.names, trials)
+    grid, resumed = S.fit(out, trainable, tune_config, strict_metrics=False, callbacks=[lines])
     records = S.collect_results(grid, cfg.train.epochs)
     release = S.wait_for_release(total)
     return write_outputs(base, space, records, out, exp, resumed, release, time.time() - t0)
@@ -127,17 +138,19 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
 def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRecord], out: Path, exp: Path,
                   resumed: bool, release: dict, wall_s: float) -> dict:
     """trials.csv, the console table, best.yaml, plots and summary.json."""
+    from simsiam import console
+
     rows = S.table_rows(records, space.names)
     S.write_csv(rows, out / "trials.csv")
-    print(S.format_table(rows, [*S.TABLE_COLUMNS[:5], *space.names, "reason"]), flush=True)
+    console.text(S.format_table(rows, [*S.TABLE_COLUMNS[:5], *space.names, "reason"]))
     best = S.best_record(records)
     if best is not None:
         S.write_best_config(base, best, out / "best.yaml")
-        print(f"[simsiam] best: trial {best.trial_id}, linear top-1 {best.objective:.2f}%, "
-              f"params {best.params}; config {out / 'best.yaml'}", flush=True)
+        console.say(f"best: trial {best.trial_id}, linear top-1 {best.objective:.2f}%, "
+                    f"params {best.params}; config {out / 'best.yaml'}")
     else:
         (out / "best.yaml").unlink(missing_ok=True)
-        print("[simsiam] no trial finished with an objective: no best.yaml", flush=True)
+        console.say("no trial finished with an objective: no best.yaml")
     plots = {}
     try:
         study = S.load_study(exp)
@@ -146,9 +159,9 @@ def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRec
     except Exception as e:  # noqa: BLE001 - plots are a convenience; the table and best.yaml stand
         plots = {"study": f"skipped: {type(e).__name__}: {e}"}
     for name, where in plots.items():
-        print(f"[simsiam] plot {name}: {where}", flush=True)
+        console.say(f"plot {name}: {where}")
     if not release["released"]:
-        print(f"[simsiam] warning: resources not released after the search: {release}", flush=True)
+        console.warn(f"resources not released after the search: {release}")
     summary = {
         "trials": len(records),
         "by_status": {s: sum(r.status == s for r in records) for s in S.STATUSES},
@@ -167,19 +180,32 @@ def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRec
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipelines.search") -> int:
+    from simsiam import console
+    from simsiam.data.schema import DataError
+
     args = build_parser(prog).parse_args(argv)
     try:
         base = C.load(args.config, args.overrides)
         space = S.load_space(args.space, search_config(base))
-        out_dir = args.out_dir or os.path.join("runs", f"search-{base.run.name}")
-        summary = run_search(base, space, args.trials, out_dir, seed=args.seed, max_concurrent=args.max_concurrent,
-                             grace=args.grace_epochs, reduction_factor=args.reduction_factor, address=args.address)
     except C.ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    counts = ", ".join(f"{n} {s}" for s, n in summary["by_status"].items() if n)
-    print(f"[simsiam] search done: {summary['trials']} trials ({counts}), wall {summary['wall_s']:.0f} s; "
-          f"table {summary['table']}", flush=True)
+    out_dir = Path(args.out_dir or os.path.join("runs", f"search-{base.run.name}")).resolve()
+    with console.session(out_dir, verbose=args.verbose) as log:
+        console.say(f"search '{base.run.name}' -> {out_dir} (Ray's output: {log})")
+        try:
+            summary = run_search(base, space, args.trials, out_dir, seed=args.seed, max_concurrent=args.max_concurrent,
+                                 grace=args.grace_epochs, reduction_factor=args.reduction_factor,
+                                 address=args.address)
+        except (C.ConfigError, DataError) as e:
+            console.error(str(e))
+            return 2
+        except Exception as e:  # noqa: BLE001 - one line here, the traceback in the log
+            console.error(f"{console.one_line(e)} (traceback in {console.log_exception(e)})")
+            return 1
+        counts = ", ".join(f"{n} {s}" for s, n in summary["by_status"].items() if n)
+        console.say(f"search done: {summary['trials']} trials ({counts}), wall {summary['wall_s']:.0f} s; "
+                    f"table {summary['table']}")
     return 0 if summary["best"] is not None else 1
 
 

@@ -82,6 +82,12 @@ def error(msg: str) -> None:
     _emit(f"{PREFIX} error: {msg}", err=True)
 
 
+def text(block: str) -> None:
+    """Lines shown as they are (a results table), without the prefix."""
+    for line in block.rstrip("\n").splitlines():
+        _emit(line)
+
+
 def progress(msg: str) -> None:
     """Replace the single progress line on a terminal; nothing when output is not a terminal."""
     if not _C.tty:
@@ -154,6 +160,10 @@ def session(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Path]
             _C.tty = _C.out.isatty()
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
+            # Python-level writes too, where something (a notebook, a test runner) replaced sys.stdout.
+            py_streams = (sys.stdout, sys.stderr)
+            sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
+            sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
         yield path
     finally:
         with _C.lock:
@@ -163,6 +173,7 @@ def session(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Path]
         sys.stdout.flush()
         sys.stderr.flush()
         if dups is not None:
+            sys.stdout, sys.stderr = py_streams
             os.dup2(dups[0], 1)
             os.dup2(dups[1], 2)
             for fd in dups:

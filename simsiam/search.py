@@ -846,7 +846,8 @@ class _env:
 
 
 def fit(out_dir: str | os.PathLike, trainable: Any, tune_config: Callable[[], Any],
-        param_space: Mapping[str, Any] | None = None, strict_metrics: bool = True) -> tuple[Any, bool]:
+        param_space: Mapping[str, Any] | None = None, strict_metrics: bool = True,
+        callbacks: Sequence[Any] = ()) -> tuple[Any, bool]:
     """Run the experiment ``out_dir/tune`` to the end, restoring it if a previous driver left it
     unfinished (finished and errored trials are kept as they are; unfinished ones continue, their
     TorchTrainers resuming from their own checkpoints). Returns (ResultGrid, resumed).
@@ -855,7 +856,9 @@ def fit(out_dir: str | os.PathLike, trainable: Any, tune_config: Callable[[], An
     scheduler state, and building a fresh searcher would enqueue its first points in the study again.
 
     ``strict_metrics=False`` lets per-epoch results lack the final objective and the final result
-    lack the epoch (Tune otherwise insists every result carry every metric its searcher and scheduler use)."""
+    lack the epoch (Tune otherwise insists every result carry every metric its searcher and scheduler use).
+    ``callbacks``: more Tune callbacks (the console's trial lines); a restored experiment keeps those it
+    was started with (Tune pickles them with the experiment)."""
     import ray.tune
 
     exp = Path(out_dir).resolve() / EXPERIMENT
@@ -873,6 +876,6 @@ def fit(out_dir: str | os.PathLike, trainable: Any, tune_config: Callable[[], An
                 trainable, param_space=dict(param_space or {}), tune_config=tune_config(),
                 run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=str(Path(out_dir).resolve()),
                                               failure_config=ray.tune.FailureConfig(max_failures=0),
-                                              callbacks=[ReleaseStoppedTrials()]))
+                                              callbacks=[ReleaseStoppedTrials(), *callbacks]))
             resumed = False
         return tuner.fit(), resumed
