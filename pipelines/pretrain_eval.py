@@ -149,7 +149,7 @@ def _run(cfg: C.Config, out_dir: Path, address: str | None, results: dict) -> No
                 ev = linear_eval(cfg, pre.checkpoint, data.train_path, data.eval_path, storage)
             results.update(linear_top1=ev["top1"], linear_top5=ev["top5"], linear_eval=ev)
             how = "cached, in this run" if ev.get("in_run") else f"{cfg.eval.linear.protocol} protocol"
-            skipped = f", {ev['skipped']} unusable rows skipped" if ev.get("skipped") else ""
+            skipped = f", {ev['skipped']} bad rows skipped" if ev.get("skipped") else ""
             console.say(f"linear evaluation ({how}): top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%{skipped}")
         except Exception as e:  # noqa: BLE001 - a failed evaluation is recorded, the pretraining result kept
             console.log_exception(e)
@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.pretrai
         return 2
     out_dir = Path(args.out_dir or os.path.join("runs", cfg.run.name)).resolve()
     with console.session(out_dir, verbose=args.verbose) as log:
-        console.say(f"run '{cfg.run.name}' ({args.config}): {cfg.train.epochs} epochs -> {out_dir} "
+        source = f" ({args.config})" if args.config != cfg.run.name else ""
+        console.say(f"run '{cfg.run.name}'{source}: {cfg.train.epochs} epochs -> {out_dir} "
                     f"(Ray's output: {log}{' and the console' if args.verbose else ''})")
         res = run(cfg, out_dir, args.address)
         _final_lines(res, out_dir)

@@ -298,7 +298,10 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
     C.dump(run_cfg, sio.join(run_dir, "config.yaml"))
     reg.write_record(run_id, record)
 
-    pre = pretrain(run_cfg, overrides["data.path"], heldout, storage, linear_fit_path=fit)
+    from simsiam.console import epoch_line
+
+    pre = pretrain(run_cfg, overrides["data.path"], heldout, storage, linear_fit_path=fit,
+                   on_report=lambda m: say(epoch_line(m, run_cfg.train.epochs)))
     checkpoint = _uri(pre.checkpoint, storage)
     m = record["metrics"]
     m.update(pretrain_status=pre.status, pretrain_reason=pre.reason, epochs_completed=len(pre.history),

@@ -152,7 +152,7 @@ def session(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Path]
     try:
         _C.log, _C.log_path = log, path
         if verbose:
-            _C.tty = sys.stdout.isatty()
+            _C.tty = False  # Ray writes to the same terminal: an updating line would break into its output
         else:
             dups = (os.dup(1), os.dup(2))
             _C.out = os.fdopen(os.dup(dups[0]), "w", buffering=1, closefd=True)
@@ -166,6 +166,10 @@ def session(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Path]
             sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
         yield path
     finally:
+        if "simsiam.ray_utils" in sys.modules:
+            # A Ray this session connected to is released inside it: the log monitor's last forwarded
+            # lines and the shutdown's own land in the log, not on the console at exit.
+            sys.modules["simsiam.ray_utils"].release_ray()
         with _C.lock:
             if _C.progress_shown:
                 _stream().write("\r\x1b[K")

@@ -204,13 +204,15 @@ def linear_eval_cached_on_shards(backbone: nn.Module, cfg: Config, num_classes: 
     from simsiam.augment import normalize
     from simsiam.data import pipeline as data_pipeline
 
+    fit_stats: dict = {}
+    test_stats: dict = {}  # rows skipped as bad (data.on_bad_image=skip), counted for the console
     out = linear_eval_cached(
         backbone,
-        data_pipeline.iter_eval_batches(ray.train.get_dataset_shard(fit), 256, device),
-        data_pipeline.iter_eval_batches(ray.train.get_dataset_shard(test), 256, device),
+        data_pipeline.iter_eval_batches(ray.train.get_dataset_shard(fit), 256, device, stats=fit_stats),
+        data_pipeline.iter_eval_batches(ray.train.get_dataset_shard(test), 256, device, stats=test_stats),
         num_classes, lambda x: normalize(x, cfg.data), cfg.eval.linear, cfg.train.seed, device)
     return {"top1": out["top1"], "top5": out["top5"], "train_top1": out["train_top1"], "protocol": "cached",
-            "backbone_unchanged": True}
+            "backbone_unchanged": True, "skipped": fit_stats.get("skipped", 0) + test_stats.get("skipped", 0)}
 
 
 def _load_backbone(cfg: Config, checkpoint_path: str, device: torch.device) -> nn.Module:

@@ -6,23 +6,38 @@ import sys
 
 import ray
 
+_OWNED = False  # whether init_ray connected this process (and so may disconnect it)
+
 
 def init_ray(address: str | None = None, **kwargs) -> str:
     """Connect to ``address`` (or $RAY_ADDRESS, as under ``ray job submit``), else start a local cluster.
 
     A local cluster keeps its dashboard on 127.0.0.1: Tune's resource cleaner needs the state API, and
     nothing here should listen on a public interface. Returns a short description for the logs."""
+    global _OWNED
     if ray.is_initialized():
         return "an already-initialised Ray session"
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, **kwargs)
+        _OWNED = True
         return f"the Ray cluster at {address}"
     local_cluster_env()
     # address="local": always a new cluster, never one left running on this machine by someone else.
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+    _OWNED = True
     res = ray.cluster_resources()
     return f"a local Ray cluster ({res.get('CPU', 0):g} CPU, {res.get('GPU', 0):g} GPU; {auth_mode()})"
+
+
+def release_ray() -> None:
+    """Disconnect (and stop a local cluster) if :func:`init_ray` connected this process; a session that
+    was already initialised is left alone. A console session (simsiam.console.session) calls it before
+    it ends, so Ray's last forwarded worker lines land in the run's log, not on the console at exit."""
+    global _OWNED
+    if _OWNED and ray.is_initialized():
+        ray.shutdown()
+    _OWNED = False
 
 
 def local_cluster_env() -> None:
