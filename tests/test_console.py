@@ -82,8 +82,8 @@ def test_preflight_names_what_is_wrong_before_any_ray(tmp_path):
     _write_shard(dup / "part-00001.parquet", ["r3", "x"], [0, 1])
     got = preflight(DataConfig(path=str(dup), eval_path=good))
     assert got.train_rows == 10 and got.train_shards == 2
-    assert got.warnings == ["data.path: 1 row(s) repeat an earlier row's id (e.g. 'r3' in part-00000.parquet and "
-                            "part-00001.parquet); ids should be unique (errors and skip lists name rows by id)"]
+    assert got.warnings == ["data.path: 1 id occurs more than once: 'r3' (part-00000.parquet row 3, part-00001.parquet "
+                            "row 0); the schema requires unique ids (errors and skip lists name rows by id)"]
     assert preflight(DataConfig(path=good, eval_path=good)).warnings == []
 
 

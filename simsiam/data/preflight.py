@@ -24,7 +24,16 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from simsiam.config import DataConfig
-from simsiam.data.schema import DataError, ShardSet, filesystem, is_uri, read_metadata, validate_shards
+from simsiam.data.schema import (
+    DataError,
+    ShardSet,
+    describe_duplicates,
+    duplicate_ids,
+    filesystem,
+    is_uri,
+    read_metadata,
+    validate_shards,
+)
 
 # Duplicate-id check: at most this many rows are read (ids of ImageNet-1k fit easily).
 MAX_ID_ROWS = 20_000_000
@@ -67,21 +76,6 @@ def _unlabeled(found: ShardSet, path: str) -> tuple[int, str | None]:
     return n, first
 
 
-def duplicate_ids(found: ShardSet) -> tuple[int, str | None]:
-    """(number of rows whose id repeats an earlier row's, an example naming both shards)."""
-    seen: dict[str, str] = {}
-    n, example = 0, None
-    for shard in found.shards:
-        for rid in _read_columns(shard, ["id"]).column("id").to_pylist():
-            if rid in seen:
-                n += 1
-                if example is None:
-                    example = f"{rid!r} in {os.path.basename(seen[rid])} and {os.path.basename(shard)}"
-            else:
-                seen[rid] = shard
-    return n, example
-
-
 def preflight(data_cfg: DataConfig, labeled_eval: bool = True) -> Preflight:
     """Resolve and check the run's datasets; raise :class:`DataError` (or ConfigError) naming what is wrong.
 
@@ -106,8 +100,8 @@ def preflight(data_cfg: DataConfig, labeled_eval: bool = True) -> Preflight:
     for what, path, found in sets:
         if is_uri(path) or found.num_rows > MAX_ID_ROWS:
             continue
-        n, example = duplicate_ids(found)
+        n, where = duplicate_ids(found.shards)
         if n:
-            warnings.append(f"{what}: {n} row(s) repeat an earlier row's id (e.g. {example}); ids should be "
-                            "unique (errors and skip lists name rows by id)")
+            warnings.append(f"{what}: {describe_duplicates(n, where)}; the schema requires unique ids (errors "
+                            "and skip lists name rows by id)")
     return Preflight(train_path, eval_path, train.num_rows, held.num_rows, len(train.shards), warnings)
