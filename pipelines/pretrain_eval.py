@@ -11,7 +11,8 @@ run name and out-dir resumes from the latest checkpoint.
 The console shows only the run's own lines (data, Ray, one line per epoch, the evaluation, where the
 results are); Ray's output goes to OUT_DIR/ray.log (--verbose shows it). The data is checked before
 Ray starts. Writes OUT_DIR/results.json (status finished | collapsed | diverged | failed, with the
-reason, for every outcome) and OUT_DIR/run_summary.png.
+reason, for every outcome) and OUT_DIR/run_summary.png. Exit status: 0 finished, 2 bad input found
+by the checks before any work (config, data, storage), 1 any other outcome.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
     try:
         _run(cfg, out_dir, address, results)
     except (DataError, ConfigError, sio.StorageError) as e:  # found before any work: the message says what to fix
-        results.update(status="failed", reason=str(e))
+        results.update(status="failed", reason=str(e), failed_in="checks")
     except Exception as e:  # noqa: BLE001 - recorded in results.json; the traceback goes to the log
         where = console.log_exception(e)
         results.update(status="failed", reason=f"{console.one_line(e)} (traceback in {where})")
@@ -196,7 +197,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.pretrai
                     f"(Ray's output: {log}{' and the console' if args.verbose else ''})")
         res = run(cfg, out_dir, args.address)
         _final_lines(res, out_dir)
-    return 0 if res["status"] == "finished" else 1
+    if res["status"] == "finished":
+        return 0
+    return 2 if res.get("failed_in") == "checks" else 1
 
 
 if __name__ == "__main__":

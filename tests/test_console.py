@@ -93,13 +93,14 @@ def test_run_with_bad_data_fails_in_seconds_with_results_json_and_no_traceback(t
            "--set", f"data.eval_path={tmp_path / 'missing'}", "--out-dir", str(out)]
     r = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
     text = r.stdout + r.stderr
-    assert r.returncode == 1, text
+    assert r.returncode == 2, text
     assert "Traceback" not in text and len(text.splitlines()) <= 8, text
     assert all(line.startswith("[simsiam] ") for line in text.splitlines()), text
     assert re.search(rf"error: failed: 0 epochs, linear top-1 n/a, wall \d+ s - data.path: {tmp_path / 'missing'} "
                      "does not exist", r.stderr), r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "failed" and res["reason"] == f"data.path: {tmp_path / 'missing'} does not exist"
+    assert res["failed_in"] == "checks"
     assert res["epochs_completed"] == 0 and res["config"]["data"]["path"] == str(tmp_path / "missing")
     assert (out / "run_summary.png").read_bytes()[:4] == b"\x89PNG"
     # Found before Ray: no cluster was started (Ray logs that it started one, to ray.log).
