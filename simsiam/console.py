@@ -43,6 +43,7 @@ class _Console:
         self.log_path: Path | None = None
         self.tty = False
         self.progress_shown = False
+        self.progress_line = ""
         self.lock = threading.Lock()
 
 
@@ -94,9 +95,12 @@ def progress(msg: str) -> None:
         return
     with _C.lock:
         width = shutil.get_terminal_size((100, 20)).columns - 1
-        _stream().write("\r" + f"{PREFIX} {msg}"[:width] + "\x1b[K")
+        line = f"{PREFIX} {msg}"[:width]
+        if _C.progress_shown and line == _C.progress_line:
+            return
+        _stream().write("\r" + line + "\x1b[K")
         _stream().flush()
-        _C.progress_shown = True
+        _C.progress_shown, _C.progress_line = True, line
 
 
 def one_line(exc: BaseException, limit: int = 400) -> str:
