@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.ablate"
         return 2
     out_dir = Path(args.out_dir or os.path.join("runs", f"ablate-{base.run.name}")).resolve()
     with console.session(out_dir, verbose=args.verbose) as log:
-        console.say(f"ablate '{base.run.name}' -> {out_dir} (Ray's output: {log})")
+        console.say(f"ablate '{base.run.name}' -> {out_dir} "
+                    + ("(--verbose: Ray's output on the console)" if args.verbose else f"(Ray's output: {log})"))
         try:
             summary = run_ablations(base, args.study, args.variant, args.seeds, out_dir, guard=args.collapse_guard,
                                     max_concurrent=args.max_concurrent, address=args.address)

@@ -157,7 +157,7 @@ def _run(cfg: C.Config, out_dir: Path, address: str | None, results: dict) -> No
             results.update(status="failed", reason=f"linear evaluation failed: {console.one_line(e)}")
 
 
-def _final_lines(res: dict, out_dir: Path) -> None:
+def _final_lines(res: dict, out_dir: Path, verbose: bool = False) -> None:
     from simsiam import console
 
     for line in console.baseline_lines(res):
@@ -176,7 +176,8 @@ def _final_lines(res: dict, out_dir: Path) -> None:
     if res.get("tensorboard"):
         console.say(f"TensorBoard: tensorboard --logdir {res['tensorboard']}")
     if console.log_path() is not None:
-        console.say(f"Ray's output and tracebacks: {console.log_path()}")
+        what = "this run's lines and tracebacks" if verbose else "Ray's output and tracebacks"
+        console.say(f"{what}: {console.log_path()}")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipelines.pretrain_eval") -> int:
@@ -194,9 +195,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.pretrai
     with console.session(out_dir, verbose=args.verbose) as log:
         source = f" ({args.config})" if args.config != cfg.run.name else ""
         console.say(f"run '{cfg.run.name}'{source}: {cfg.train.epochs} epochs -> {out_dir} "
-                    f"(Ray's output: {log}{' and the console' if args.verbose else ''})")
+                    + ("(--verbose: Ray's output on the console)" if args.verbose else f"(Ray's output: {log})"))
         res = run(cfg, out_dir, args.address)
-        _final_lines(res, out_dir)
+        _final_lines(res, out_dir, args.verbose)
     if res["status"] == "finished":
         return 0
     return 2 if res.get("failed_in") == "checks" else 1

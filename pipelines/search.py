@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.search"
         return 2
     out_dir = Path(args.out_dir or os.path.join("runs", f"search-{base.run.name}")).resolve()
     with console.session(out_dir, verbose=args.verbose) as log:
-        console.say(f"search '{base.run.name}' -> {out_dir} (Ray's output: {log})")
+        console.say(f"search '{base.run.name}' -> {out_dir} "
+                    + ("(--verbose: Ray's output on the console)" if args.verbose else f"(Ray's output: {log})"))
         try:
             summary = run_search(base, space, args.trials, out_dir, seed=args.seed, max_concurrent=args.max_concurrent,
                                  grace=args.grace_epochs, reduction_factor=args.reduction_factor,

@@ -44,6 +44,7 @@ class _Console:
         self.tty = False
         self.progress_shown = False
         self.progress_line = ""
+        self.verbose = False
         self.lock = threading.Lock()
 
 
@@ -61,7 +62,9 @@ def _emit(line: str, err: bool = False) -> None:
         if _C.progress_shown:
             _stream().write("\r\x1b[K")
             _C.progress_shown = False
-        stream.write(line + "\n")
+        # --verbose: Ray's progress bars end without a newline; start ours on a line of its own.
+        lead = ("\r\x1b[K" if stream.isatty() else "\n") if _C.verbose else ""
+        stream.write(lead + line + "\n")
         stream.flush()
         if _C.log is not None:  # the log is the whole story: the project's lines beside Ray's
             _C.log.write(line + "\n")
@@ -143,18 +146,18 @@ def quiet_ray_env(verbose: bool = False) -> None:
 @contextlib.contextmanager
 def session(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Path]:
     """Send this process's stdout/stderr to ``run_dir/ray.log`` (appending) and keep the console for
-    the project's lines, until the block ends. With ``verbose`` only the project's lines are logged
-    and Ray's output stays on the console. Yields the log's path."""
+    the project's lines, until the block ends. With ``verbose`` only the project's lines (and
+    tracebacks) are logged and Ray's output stays on the console. Yields the log's path."""
     path = Path(run_dir).resolve() / LOG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     quiet_ray_env(verbose)
     sys.stdout.flush()
     sys.stderr.flush()
     log = open(path, "a", buffering=1)  # noqa: SIM115 - closed below
-    saved = (_C.out, _C.err, _C.log, _C.log_path, _C.tty)
+    saved = (_C.out, _C.err, _C.log, _C.log_path, _C.tty, _C.verbose)
     dups: tuple[int, int] | None = None
     try:
-        _C.log, _C.log_path = log, path
+        _C.log, _C.log_path, _C.verbose = log, path, verbose
         if verbose:
             _C.tty = False  # Ray writes to the same terminal: an updating line would break into its output
         else:
@@ -189,7 +192,7 @@ def session(run_dir: str | os.PathLike, verbose: bool = False) -> Iterator[Path]
             for s in (_C.out, _C.err):
                 if s is not None:
                     s.close()
-        _C.out, _C.err, _C.log, _C.log_path, _C.tty = saved
+        _C.out, _C.err, _C.log, _C.log_path, _C.tty, _C.verbose = saved
         log.close()
 
 
