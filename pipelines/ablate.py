@@ -10,7 +10,9 @@ come out identical (the default appears in several studies) run once. Each run p
 linear-evaluates, collapsed or not: a collapsed variant is a result ("collapsed"), not an error. The
 collapse guard is off unless --collapse-guard, so collapse is shown rather than cut short; a run
 counts as collapsed when its last epoch's collapse std or effective rank is under the guard's
-thresholds. Rerunning the same command resumes an interrupted study.
+thresholds, and as collapsing when either is still above but fell in each of the last 3 epochs
+steeply enough to cross it within as many more epochs as the run had (so no verdict depends on where
+the budget ended). Rerunning the same command resumes an interrupted study.
 
 Writes, under DIR (default runs/ablate-<run.name>):
   ablations.md     one table per study in the paper's shape (linear top-1 mean +- std over seeds, final
@@ -110,13 +112,13 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
     records = S.collect_results(result_grid, cfg.train.epochs)
     release = S.wait_for_release(total)
     by_run = {(r.config.get("variant"), int(r.config.get("seed", -1))): r for r in records}
-    agg, per_seed = A.summarize(grid, by_run, seed_list)
+    agg, per_seed = A.summarize(grid, by_run, seed_list, cfg)
 
     atomic_write_text(out / "ablations.md", A.markdown(agg, per_seed, cfg, seed_list, guard))
     S.write_csv(per_seed, out / "ablations.csv")
     A.plot_curves(grid, by_run, seed_list, out / "ablations.png", cfg)
     console.text(S.format_table(agg, ["study", "variant", "linear_top1_mean", "linear_top1_std", "collapse_std",
-                                      "effective_rank", "status", "paper_imagenet"]))
+                                      "effective_rank", "trend", "status", "paper_imagenet"]))
     summary = {
         "variants": len(grid.rows), "runs": len(grid.runs) * len(seed_list), "resumed": resumed,
         "by_status": {s: sum(r["status"] == s for r in per_seed) for s in sorted({r["status"] for r in per_seed})},

@@ -194,23 +194,49 @@ def _f(v: float | None, digits: int = 2) -> str:
     return "" if v is None else f"{v:.{digits}f}"
 
 
-def summarize(grid: Grid, records: Mapping[tuple[str, int], Any],
-              seeds: Sequence[int]) -> tuple[list[dict], list[dict]]:
+def _trend_text(verdict: Any) -> str:
+    """'std -0.0012/ep, rank -3.1/ep (falling)' over the verdict's trend window; '' without one."""
+    parts = []
+    for short, m in (("std", verdict.std), ("rank", verdict.rank)):
+        if m.slope is not None:
+            parts.append(f"{short} {m.slope:+.2g}/ep" + (" falling" if m.falling else ""))
+    return ", ".join(parts)
+
+
+def _verdict(base: C.Config | None, overrides: Mapping[str, Any], rec: Any) -> Any:
+    from simsiam.metrics import collapse_verdict
+
+    if base is None or rec is None or not rec.history:
+        return None
+    cfg = base.replace(dict(overrides)) if overrides else base
+    return collapse_verdict(list(rec.history), cfg.model.dim, cfg.optim.batch_size // cfg.train.num_workers,
+                            cfg.train.collapse_guard)
+
+
+def summarize(grid: Grid, records: Mapping[tuple[str, int], Any], seeds: Sequence[int],
+              base: C.Config | None = None) -> tuple[list[dict], list[dict]]:
     """(aggregate rows, per-seed rows) from ``records[(key, seed)]`` (objects with ``status``,
-    ``objective``, ``collapse_std``, ``effective_rank``, ``knn_top1``, ``reason``, ``trial_id``)."""
+    ``objective``, ``collapse_std``, ``effective_rank``, ``knn_top1``, ``reason``, ``trial_id``,
+    ``history``). With ``base`` (the config the grid was built on), each row also carries its collapse
+    thresholds, how far the final std and rank are from them (value / threshold) and their trend."""
     agg, per_seed = [], []
     for row in grid.rows:
         recs = [records.get((row.key, s)) for s in seeds]
-        for s, r in zip(seeds, recs, strict=True):
+        verdicts = [_verdict(base, grid.runs.get(row.key, {}), r) for r in recs]
+        for s, r, v in zip(seeds, recs, verdicts, strict=True):
             per_seed.append({
                 "study": row.study, "variant": row.variant, "label": row.label, "seed": s,
                 "status": r.status if r else "missing", "linear_top1": r.objective if r else None,
                 "knn_top1": r.knn_top1 if r else None, "collapse_std": r.collapse_std if r else None,
                 "effective_rank": r.effective_rank if r else None, "epochs_completed": r.epochs_completed if r else 0,
+                "std_threshold": v.std.threshold if v else None, "rank_threshold": v.rank.threshold if v else None,
+                "std_margin": v.std.margin if v else None, "rank_margin": v.rank.margin if v else None,
+                "trend": _trend_text(v) if v else "",
                 "paper_imagenet": row.paper, "run": row.key, "trial_id": r.trial_id if r else "",
                 "reason": r.reason if r else "no result",
             })
         present = [r for r in recs if r is not None]
+        judged = [v for v in verdicts if v is not None]
         m, sd = mean_std([r.objective for r in present if r.objective is not None])
         agg.append({
             "study": row.study, "variant": row.variant, "label": row.label,
@@ -219,9 +245,21 @@ def summarize(grid: Grid, records: Mapping[tuple[str, int], Any],
             "collapse_std": mean_std([r.collapse_std for r in present if r.collapse_std is not None])[0],
             "effective_rank": mean_std([r.effective_rank for r in present if r.effective_rank is not None])[0],
             "status": status_summary([r.status for r in recs if r] + ["missing"] * recs.count(None)),
+            "std_threshold": judged[0].std.threshold if judged else None,
+            "rank_threshold": judged[0].rank.threshold if judged else None,
+            "trend": " / ".join(t for t in (_trend_text(v) for v in judged) if t),
             "paper_imagenet": row.paper, "run": row.key,
         })
     return agg, per_seed
+
+
+def _vs(value: float | None, threshold: float | None, digits: int) -> str:
+    """'0.0443 (thr 0.0221, 2.0x)': a final value beside its collapse threshold."""
+    if value is None:
+        return ""
+    if not threshold:
+        return _f(value, digits)
+    return f"{value:.{digits}f} (thr {threshold:.{digits}f}, {value / threshold:.2f}x)"
 
 
 def markdown(agg: Sequence[Mapping[str, Any]], per_seed: Sequence[Mapping[str, Any]], base: C.Config,
@@ -239,16 +277,21 @@ def markdown(agg: Sequence[Mapping[str, Any]], per_seed: Sequence[Mapping[str, A
         "seeds; collapse std (of l2-normalised z, healthy ~ 1/sqrt(d) = "
         f"{healthy_std(d):.4f}) and effective rank are the last epoch's means. A run counts as collapsed when "
         f"either is under the collapse guard's thresholds (std < {base.train.collapse_guard.std_ratio:g}/sqrt(d), "
-        f"rank < {base.train.collapse_guard.rank_ratio:g} x min(batch, d)). The paper's column is its ImageNet "
-        "result (ResNet-50, 100 epochs), for reference only.",
+        f"rank < {base.train.collapse_guard.rank_ratio:g} x min(batch, d)); each is shown beside its threshold "
+        "with value / threshold (under 1.00x is collapsed). A run above both thresholds whose std or rank "
+        "fell in each of its last 3 epochs, steeply enough to cross the threshold within as many more "
+        "epochs as it ran, is `collapsing`: its verdict would otherwise depend on where the budget happened "
+        "to end. The trend column is the least-squares change per epoch over those last 3 epochs. The "
+        "paper's column is its ImageNet result (ResNet-50, 100 epochs), for reference only.",
     ]
     for name in dict.fromkeys(r["study"] for r in agg):
         study = STUDIES[name]
         lines += ["", f"## {study.title}", ""]
         if study.note:
             lines += [study.note, ""]
-        lines += ["| variant | linear top-1 | collapse std | effective rank | status | paper (ImageNet) |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["| variant | linear top-1 | collapse std | effective rank | trend (last 3 epochs) | status | "
+                  "paper (ImageNet) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in agg if r["study"] == name):
             if r["linear_top1_mean"] is None:
                 top1 = "n/a"
@@ -256,7 +299,8 @@ def markdown(agg: Sequence[Mapping[str, Any]], per_seed: Sequence[Mapping[str, A
                 top1 = f"{r['linear_top1_mean']:.2f} +- {r['linear_top1_std']:.2f}"
             else:
                 top1 = f"{r['linear_top1_mean']:.2f}"
-            lines.append(f"| {r['label']} | {top1} | {_f(r['collapse_std'], 4)} | {_f(r['effective_rank'], 1)} | "
+            lines.append(f"| {r['label']} | {top1} | {_vs(r['collapse_std'], r.get('std_threshold'), 4)} | "
+                         f"{_vs(r['effective_rank'], r.get('rank_threshold'), 1)} | {r.get('trend', '')} | "
                          f"{r['status']} | {r['paper_imagenet']} |")
     lines += ["", "## Every run", "",
               "| study | variant | seed | status | linear top-1 | kNN top-1 | collapse std | effective rank | reason |",

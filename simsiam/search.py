@@ -40,7 +40,7 @@ from ray.tune.search.optuna import OptunaSearch
 from simsiam import config as C
 from simsiam.io import atomic_write_bytes, atomic_write_text
 
-STATUSES = ("finished", "stopped_early", "collapsed", "diverged", "failed")
+STATUSES = ("finished", "stopped_early", "collapsed", "collapsing", "diverged", "failed")
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 OBJECTIVE = "linear_top1"
 TIME_ATTR = "epoch"
@@ -353,25 +353,16 @@ def trial_overrides(tune_config: Mapping[str, Any], variants: Mapping[str, Mappi
     return out
 
 
-def final_collapse(history: Sequence[Mapping[str, Any]], cfg: C.Config) -> tuple[bool, str]:
-    """Whether the LAST epoch's mean metrics are under the collapse guard's thresholds (either one):
-    how ablations, which run with the guard off, tell a collapsed variant from a healthy one."""
-    from simsiam.metrics import CollapseGuard
+def final_collapse(history: Sequence[Mapping[str, Any]], cfg: C.Config):
+    """The collapse verdict (:func:`simsiam.metrics.collapse_verdict`) of a run from its per-epoch
+    history: ``collapsed`` when the LAST epoch's mean std or rank is under the collapse guard's
+    thresholds, ``collapsing`` when one is still above but falling steadily towards it, else
+    ``healthy``. How ablations, which run with the guard off, tell a collapsed variant from a healthy
+    one without the verdict hinging on the budget."""
+    from simsiam.metrics import collapse_verdict
 
-    if not history:
-        return False, ""
-    last = history[-1]
-    per_worker = int(last.get("global_batch", cfg.optim.batch_size)) // max(int(last.get("world_size", 1)), 1)
-    guard_cfg = dataclasses.replace(cfg.train.collapse_guard, enabled=True)
-    std_thr, rank_thr = CollapseGuard(guard_cfg, cfg.model.dim).thresholds(per_worker)
-    std, rank = float(last.get("collapse_std", math.nan)), float(last.get("effective_rank", math.nan))
-    if not math.isfinite(std) or std < std_thr:
-        return True, (f"collapsed by the collapse std: {std:.4g} < {std_thr:.4g} "
-                      f"({guard_cfg.std_ratio:g} / sqrt({cfg.model.dim})) at epoch {last.get('epoch')}")
-    if not math.isfinite(rank) or rank < rank_thr:
-        return True, (f"collapsed by the effective rank: {rank:.4g} < {rank_thr:.4g} ({guard_cfg.rank_ratio:g} "
-                      f"x min(batch {per_worker}, d {cfg.model.dim})) at epoch {last.get('epoch')}")
-    return False, ""
+    return collapse_verdict(list(history), cfg.model.dim, cfg.optim.batch_size // cfg.train.num_workers,
+                            cfg.train.collapse_guard)
 
 
 def run_trial(tune_config: dict, *, base: dict, train_path: str, eval_path: str | None, train_storage: str,
@@ -406,11 +397,11 @@ def run_trial(tune_config: dict, *, base: dict, train_path: str, eval_path: str 
     if status == "failed":
         raise TrialFailed(reason or "pretraining failed")
     if classify_collapse and status == "finished":
-        collapsed, why = final_collapse(pre.history, cfg)
-        if collapsed:
-            status, reason = "collapsed", why
+        verdict = final_collapse(pre.history, cfg)
+        if verdict.status != "healthy":
+            status, reason = verdict.status, verdict.reason
     evaluate = cfg.eval.enabled and pre.checkpoint and (
-        status == "finished" or (classify_collapse and status == "collapsed"))
+        status == "finished" or (classify_collapse and status in ("collapsed", "collapsing")))
     top1 = top5 = None
     if evaluate:
         from simsiam.evaluate import linear_eval

@@ -71,7 +71,7 @@ def test_grid_rejects_a_variant_the_config_cannot_run_before_anything_starts():
 
 
 def _rec(key, seed, status, top1, std, rank):
-    hist = [{"epoch": e, "step": 3 * e, "collapse_std": std, "effective_rank": rank + e, "knn_top1": 50.0 + e}
+    hist = [{"epoch": e, "step": 3 * e, "collapse_std": std, "effective_rank": rank + e - 2, "knn_top1": 50.0 + e}
             for e in (1, 2)]
     return S.TrialRecord(trial_id=f"{key}-{seed}", status=status, reason="" if status == "finished" else "why",
                          objective=top1, epochs_completed=2, knn_top1=52.0, collapse_std=std, effective_rank=rank,
@@ -88,7 +88,7 @@ def test_summary_markdown_csv_and_plot(tmp_path):
         recs[(keys["no_stop_grad"], seed)] = _rec(keys["no_stop_grad"], seed, "collapsed", 11.0, 0.043, 19.0)
     recs[(keys["none"], 0)] = _rec(keys["none"], 0, "collapsed", 12.0, 0.04, 18.0)
     recs[(keys["none"], 1)] = _rec(keys["none"], 1, "finished", 30.0, 0.04, 30.0)
-    agg, per_seed = A.summarize(grid, recs, [0, 1])
+    agg, per_seed = A.summarize(grid, recs, [0, 1], base)
     by = {r["variant"]: r for r in agg}
     assert by["default"]["linear_top1_mean"] == pytest.approx(81.0)
     assert by["default"]["linear_top1_std"] == pytest.approx(1.41421, rel=1e-4)
@@ -98,8 +98,16 @@ def test_summary_markdown_csv_and_plot(tmp_path):
 
     md = A.markdown(agg, per_seed, base, [0, 1], guard_on=False)
     assert "## Stop-gradient (Figure 2)" in md and "## Predictor MLP (Table 1)" in md
-    assert "| with stop-gradient | 81.00 +- 1.41 | 0.0440 | 56.0 | finished | 67.7 +- 0.1 |" in md
-    assert "| without stop-gradient | 11.00 +- 0.00 | 0.0430 | 19.0 | collapsed | 0.1 (collapse) |" in md
+    # Final values beside their thresholds (sample: std 0.5/sqrt(d), rank 0.2 x min(batch, d)) and the trend.
+    std_thr = 0.5 / base.model.dim ** 0.5
+    rank_thr = 0.2 * min(base.optim.batch_size, base.model.dim)
+    assert by["default"]["std_threshold"] == pytest.approx(std_thr)
+    assert by["default"]["rank_threshold"] == pytest.approx(rank_thr)
+    assert per_seed[0]["rank_margin"] == pytest.approx(56.0 / rank_thr)
+    assert by["default"]["trend"] == ""  # two epochs: shorter than the 3-epoch trend window
+    assert (f"| with stop-gradient | 81.00 +- 1.41 | 0.0440 (thr {std_thr:.4f}, {0.044 / std_thr:.2f}x) | "
+            f"56.0 (thr {rank_thr:.1f}, {56 / rank_thr:.2f}x) |  | finished | 67.7 +- 0.1 |") in md
+    assert "| without stop-gradient | 11.00 +- 0.00 | 0.0430 (thr" in md and "| collapsed | 0.1 (collapse) |" in md
     assert "Collapse guard off" in md
     assert md.count("\n| stop_gradient |") + md.count("\n| predictor |") == 6  # every run listed
 

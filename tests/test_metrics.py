@@ -13,6 +13,7 @@ from simsiam.config import CollapseGuardConfig
 from simsiam.metrics import (
     CollapseGuard,
     collapse_std,
+    collapse_verdict,
     effective_rank,
     healthy_std,
     knn_accuracy,
@@ -217,3 +218,44 @@ def test_topk_accuracy_hand_example_and_clipping():
     assert acc == {"top1": 25.0, "top5": 100.0}  # 3 classes: top-5 is clipped to top-3
     with pytest.raises(ValueError):
         topk_accuracy(logits, labels[:2])
+
+
+# --------------------------------------------------------------------------- the end-of-run verdict
+
+
+def _history(stds, ranks):
+    return [{"epoch": i + 1, "collapse_std": s, "effective_rank": r} for i, (s, r) in enumerate(zip(stds, ranks,
+                                                                                                    strict=True))]
+
+
+def test_verdict_collapsed_healthy_and_margins():
+    # D = 64, batch 128: thresholds std 0.0625, rank 12.8
+    v = collapse_verdict(_history([0.12] * 6, [40, 38, 41, 39, 40, 5.0]), D, 128, CFG)
+    assert v.status == "collapsed" and "effective rank: 5 < 12.8" in v.reason and "epoch 6" in v.reason
+    v = collapse_verdict(_history([0.12] * 6, [40, 38, 41, 39, 40, 41]), D, 128, CFG)
+    assert v.status == "healthy" and v.reason == ""
+    assert v.rank.margin == pytest.approx(41 / 12.8) and v.std.margin == pytest.approx(0.12 / 0.0625)
+    assert v.rank.falling is False and v.rank.slope == pytest.approx(0.1)  # least squares over epochs 3..6
+
+
+def test_verdict_steady_fall_towards_the_threshold_is_collapsing_not_finished():
+    """Above the threshold at the last epoch only because the budget ended: rank 40 -> 16 in 3 epochs,
+    8 a epoch, under 12.8 in ~0.4 more epochs."""
+    v = collapse_verdict(_history([0.12] * 6, [60, 50, 40, 32, 24, 16]), D, 128, CFG)
+    assert v.status == "collapsing", v
+    assert v.rank.falling and v.rank.slope == pytest.approx(-8.0) and v.rank.epochs_to_threshold == pytest.approx(0.4)
+    assert "effective rank fell in each of the last 3 epochs, 40 -> 16 (-8/epoch)" in v.reason
+    # The std, the same way: 0.12 -> 0.075 falling 0.015 an epoch, under 0.0625 in < 1 epoch.
+    assert collapse_verdict(_history([0.2, 0.15, 0.12, 0.105, 0.09, 0.075], [40] * 6), D, 128, CFG).status == \
+        "collapsing"
+
+
+def test_verdict_slow_drift_noise_and_short_runs_stay_healthy():
+    # Falling every epoch, but at 0.5 a epoch it needs 55 more epochs (> the 6 run so far): a drift.
+    assert collapse_verdict(_history([0.12] * 6, [42, 41.5, 41, 40.5, 40, 39.5]), D, 128, CFG).status == "healthy"
+    # Falling fast on average but not in every epoch: noise, not a trend.
+    assert collapse_verdict(_history([0.12] * 6, [60, 50, 30, 35, 20, 15]), D, 128, CFG).status == "healthy"
+    # Fewer epochs than the trend window: no trend can be claimed.
+    v = collapse_verdict(_history([0.12] * 3, [60, 40, 20]), D, 128, CFG)
+    assert v.status == "healthy" and v.rank.slope is None
+    assert collapse_verdict([], D, 128, CFG).status == "healthy"

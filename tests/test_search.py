@@ -169,16 +169,17 @@ def test_trial_overrides_and_final_collapse():
         "loss.stop_gradient": False, "train.seed": 1}
     with pytest.raises(S.TrialFailed, match="unknown variant"):
         S.trial_overrides({"variant": "w"}, {"v": {}})
-    cfg = C.load("sample")  # d = 512, batch 128: std threshold 0.5/sqrt(512) = 0.0221, rank 0.2 x 128 = 25.6
+    cfg = C.load("sample", {"model.dim": 512, "optim.batch_size": 128})  # std thr 0.5/sqrt(512) = 0.0221, rank 25.6
     healthy = [{"epoch": 2, "collapse_std": 0.044, "effective_rank": 56.0, "global_batch": 128, "world_size": 1}]
-    assert S.final_collapse(healthy, cfg) == (False, "")
+    assert S.final_collapse(healthy, cfg).status == "healthy"
     low_rank = [{**healthy[0], "effective_rank": 20.0}]
-    collapsed, why = S.final_collapse(low_rank, cfg)
-    assert collapsed and "effective rank: 20 < 25.6" in why
+    v = S.final_collapse(low_rank, cfg)
+    assert v.status == "collapsed" and "effective rank: 20 < 25.6" in v.reason
+    assert v.rank.margin == pytest.approx(20 / 25.6) and v.std.margin == pytest.approx(0.044 * 512 ** 0.5 / 0.5)
     low_std = [{**healthy[0], "collapse_std": 0.001}]
-    assert "collapse std" in S.final_collapse(low_std, cfg)[1]
+    assert "collapse std" in S.final_collapse(low_std, cfg).reason
     # Two workers: each computes the metrics on its own half of the batch.
-    assert S.final_collapse([{**low_rank[0], "world_size": 2}], cfg)[0] is False  # 20 >= 0.2 x 64
+    assert S.final_collapse([{**low_rank[0], "world_size": 2}], cfg).status == "healthy"  # 20 >= 0.2 x 64
 
 
 def test_asha_has_no_rung_at_the_last_epoch():
