@@ -10,9 +10,9 @@ come out identical (the default appears in several studies) run once. Each run p
 linear-evaluates, collapsed or not: a collapsed variant is a result ("collapsed"), not an error. The
 collapse guard is off unless --collapse-guard, so collapse is shown rather than cut short; a run
 counts as collapsed when its last epoch's collapse std or effective rank is under the guard's
-thresholds, and as collapsing when either is still above but fell in each of the last 3 epochs
-steeply enough to cross it within as many more epochs as the run had (so no verdict depends on where
-the budget ended). Rerunning the same command resumes an interrupted study.
+thresholds, and as collapsing when either is still above but falling steadily (least-squares slope
+over the last third of the run, 2 standard errors below 0) fast enough to cross it within as many
+more epochs as the run had, so that no verdict depends on where the budget ended. Rerunning the same command resumes an interrupted study.
 
 Writes, under DIR (default runs/ablate-<run.name>):
   ablations.md     one table per study in the paper's shape (linear top-1 mean +- std over seeds, final

@@ -195,7 +195,7 @@ def _f(v: float | None, digits: int = 2) -> str:
 
 
 def _trend_text(verdict: Any) -> str:
-    """'std -0.0012/ep, rank -3.1/ep (falling)' over the verdict's trend window; '' without one."""
+    """'std -0.0012/ep, rank -3.1/ep falling' over the verdict's trend window; '' without one."""
     parts = []
     for short, m in (("std", verdict.std), ("rank", verdict.rank)):
         if m.slope is not None:
@@ -278,18 +278,19 @@ def markdown(agg: Sequence[Mapping[str, Any]], per_seed: Sequence[Mapping[str, A
         f"{healthy_std(d):.4f}) and effective rank are the last epoch's means. A run counts as collapsed when "
         f"either is under the collapse guard's thresholds (std < {base.train.collapse_guard.std_ratio:g}/sqrt(d), "
         f"rank < {base.train.collapse_guard.rank_ratio:g} x min(batch, d)); each is shown beside its threshold "
-        "with value / threshold (under 1.00x is collapsed). A run above both thresholds whose std or rank "
-        "fell in each of its last 3 epochs, steeply enough to cross the threshold within as many more "
-        "epochs as it ran, is `collapsing`: its verdict would otherwise depend on where the budget happened "
-        "to end. The trend column is the least-squares change per epoch over those last 3 epochs. The "
-        "paper's column is its ImageNet result (ResNet-50, 100 epochs), for reference only.",
+        "with value / threshold (under 1.00x is collapsed). The trend column is the least-squares change "
+        "per epoch over the last third of the run (at least 3 epochs), marked `falling` when it is at least "
+        "2 standard errors below 0. A run above both thresholds with a falling std or rank that, at that "
+        "rate, crosses its threshold within as many more epochs as it ran is `collapsing`: otherwise its "
+        "verdict would depend on where the budget happened to end. The paper's column is its ImageNet "
+        "result (ResNet-50, 100 epochs), for reference only.",
     ]
     for name in dict.fromkeys(r["study"] for r in agg):
         study = STUDIES[name]
         lines += ["", f"## {study.title}", ""]
         if study.note:
             lines += [study.note, ""]
-        lines += ["| variant | linear top-1 | collapse std | effective rank | trend (last 3 epochs) | status | "
+        lines += ["| variant | linear top-1 | collapse std | effective rank | trend (last third) | status | "
                   "paper (ImageNet) |",
                   "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in (r for r in agg if r["study"] == name):

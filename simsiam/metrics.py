@@ -159,6 +159,9 @@ class CollapseGuard:
 # --------------------------------------------------------------------------- the verdict at the end of a run
 
 
+TREND_T = 2.0  # a decline counts as steady when its least-squares slope is this many standard errors below 0
+
+
 @dataclass(frozen=True)
 class MetricTrend:
     """One collapse indicator at a run's end: its last value, its threshold, and its recent trend."""
@@ -167,7 +170,9 @@ class MetricTrend:
     value: float
     threshold: float
     slope: float | None = None            # least-squares change per epoch over the trend window
-    falling: bool = False                 # fell in every epoch of the window
+    start: float | None = None            # the value at the start of the window
+    epochs: int = 0                       # the window's length in epochs
+    falling: bool = False                 # slope < 0 by at least TREND_T standard errors
     collapsing: bool = False              # falling, and under the threshold within the horizon at that slope
     epochs_to_threshold: float | None = None  # at that slope; None when not falling
 
@@ -179,9 +184,9 @@ class MetricTrend:
 
 @dataclass(frozen=True)
 class CollapseVerdict:
-    """``collapsed`` (under a threshold at the last epoch), ``collapsing`` (not yet, but an indicator has
-    fallen in every one of the last ``trend_epochs`` epochs and, at that rate, crosses its threshold
-    before the run's length again has passed) or ``healthy``."""
+    """``collapsed`` (under a threshold at the last epoch), ``collapsing`` (not yet, but an indicator is
+    falling steadily and, at that rate, crosses its threshold before the run's length again has
+    passed) or ``healthy``."""
 
     status: str
     reason: str
@@ -189,28 +194,39 @@ class CollapseVerdict:
     rank: MetricTrend
 
 
-def _trend(name: str, values: list[float], threshold: float, window: int, horizon: float) -> MetricTrend:
+def trend_window(num_epochs: int) -> int:
+    """Epochs the trend is fitted over: the last third of the run, at least 3."""
+    return max(3, math.ceil(num_epochs / 3))
+
+
+def _trend(name: str, values: list[float], threshold: float) -> MetricTrend:
     last = values[-1]
+    window = trend_window(len(values))
     tail = values[-(window + 1):]
     if len(tail) < window + 1 or not all(math.isfinite(v) for v in tail):
         return MetricTrend(name, last, threshold)
     n = len(tail)
     xm, ym = (n - 1) / 2, sum(tail) / n
-    slope = sum((i - xm) * (v - ym) for i, v in enumerate(tail)) / sum((i - xm) ** 2 for i in range(n))
-    falling = all(b < a for a, b in zip(tail[:-1], tail[1:], strict=True))
-    eta = (last - threshold) / -slope if falling and slope < 0 else None
-    return MetricTrend(name, last, threshold, slope, falling, eta is not None and eta <= horizon, eta)
+    sxx = sum((i - xm) ** 2 for i in range(n))
+    slope = sum((i - xm) * (v - ym) for i, v in enumerate(tail)) / sxx
+    sse = sum((v - (ym + slope * (i - xm))) ** 2 for i, v in enumerate(tail))
+    se = math.sqrt(sse / (n - 2) / sxx)
+    falling = slope < 0 and (se == 0 or -slope / se >= TREND_T)
+    eta = (last - threshold) / -slope if falling else None
+    horizon = float(len(values))
+    return MetricTrend(name, last, threshold, slope, tail[0], window, falling,
+                       eta is not None and eta <= horizon, eta)
 
 
-def collapse_verdict(history: list[dict], dim: int, batch_size: int, cfg: CollapseGuardConfig,
-                     trend_epochs: int = 3) -> CollapseVerdict:
+def collapse_verdict(history: list[dict], dim: int, batch_size: int, cfg: CollapseGuardConfig) -> CollapseVerdict:
     """Judge a finished run from its per-epoch means (``collapse_std``, ``effective_rank``).
 
     A verdict must not hinge on the budget happening to be long enough: a run whose std or rank is
-    above its threshold at the last epoch but has fallen in each of the last ``trend_epochs`` epochs,
-    steeply enough to cross the threshold within as many more epochs as the run has had, is
-    ``collapsing``, not healthy. The rank threshold uses the per-worker batch the rank was measured
-    on: the last epoch's ``global_batch / world_size`` where recorded, else ``batch_size``."""
+    above its threshold at the last epoch but falling steadily (the least-squares slope over the last
+    third of the run, at least 3 epochs, is :data:`TREND_T` standard errors below 0) fast enough to
+    cross the threshold within as many more epochs as the run has had, is ``collapsing``, not healthy.
+    The rank threshold uses the per-worker batch the rank was measured on: the last epoch's
+    ``global_batch / world_size`` where recorded, else ``batch_size``."""
     if history and "global_batch" in history[-1]:
         batch_size = int(history[-1]["global_batch"]) // max(int(history[-1].get("world_size", 1)), 1)
     std_thr = cfg.std_ratio / math.sqrt(dim)
@@ -219,24 +235,22 @@ def collapse_verdict(history: list[dict], dim: int, batch_size: int, cfg: Collap
         nan = float("nan")
         return CollapseVerdict("healthy", "", MetricTrend("collapse std", nan, std_thr),
                                MetricTrend("effective rank", nan, rank_thr))
-    horizon = float(len(history))
-    stds = [float(h.get("collapse_std", math.nan)) for h in history]
-    ranks = [float(h.get("effective_rank", math.nan)) for h in history]
-    std = _trend("collapse std", stds, std_thr, trend_epochs, horizon)
-    rank = _trend("effective rank", ranks, rank_thr, trend_epochs, horizon)
+    std = _trend("collapse std", [float(h.get("collapse_std", math.nan)) for h in history], std_thr)
+    rank = _trend("effective rank", [float(h.get("effective_rank", math.nan)) for h in history], rank_thr)
     epoch = history[-1].get("epoch", len(history))
-    for m, rule in ((std, f"{cfg.std_ratio:g} / sqrt({dim})"), (rank, f"{cfg.rank_ratio:g} x min(batch {batch_size}, "
-                                                                     f"d {dim})")):
+    rules = {std.name: f"{cfg.std_ratio:g} / sqrt({dim})",
+             rank.name: f"{cfg.rank_ratio:g} x min(batch {batch_size}, d {dim})"}
+    for m in (std, rank):
         if not math.isfinite(m.value) or m.value < m.threshold:
             return CollapseVerdict("collapsed", f"collapsed by the {m.name}: {m.value:.4g} < {m.threshold:.4g} "
-                                                f"({rule}) at epoch {epoch}", std, rank)
+                                                f"({rules[m.name]}) at epoch {epoch}", std, rank)
     for m in (std, rank):
         if m.collapsing:
-            start = (stds if m is std else ranks)[-(trend_epochs + 1)]
             return CollapseVerdict(
-                "collapsing", f"collapsing: the {m.name} fell in each of the last {trend_epochs} epochs, "
-                              f"{start:.4g} -> {m.value:.4g} ({m.slope:+.3g}/epoch); at that rate it is under its "
-                              f"threshold {m.threshold:.4g} in ~{m.epochs_to_threshold:.1f} more epochs", std, rank)
+                "collapsing", f"collapsing: the {m.name} is still falling, {m.start:.4g} -> {m.value:.4g} over the "
+                              f"last {m.epochs} epochs ({m.slope:+.3g}/epoch); at that rate it is under its threshold "
+                              f"{m.threshold:.4g} ({rules[m.name]}) in ~{m.epochs_to_threshold:.1f} more epochs",
+                std, rank)
     return CollapseVerdict("healthy", "", std, rank)
 
 
