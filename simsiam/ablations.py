@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -253,6 +254,30 @@ def summarize(grid: Grid, records: Mapping[tuple[str, int], Any], seeds: Sequenc
     return agg, per_seed
 
 
+def paper_figure(text: str) -> float | None:
+    """The paper's ImageNet top-1 as a number: '67.7 +- 0.1' -> 67.7, '0.1 (collapse)' -> 0.1, a
+    variant whose training fails -> 0.0; None when the paper gives no figure."""
+    if "fail" in text:
+        return 0.0
+    m = re.match(r"\s*(\d+(?:\.\d+)?)", text)
+    return float(m.group(1)) if m else None
+
+
+def ordering_note(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Whether one study's measured linear top-1 orders its variants as the paper's figures do, and
+    if not, which pairs are swapped and by how much (pairs the paper ties are not compared)."""
+    pts = [(r, paper_figure(r["paper_imagenet"]), r["linear_top1_mean"]) for r in rows]
+    pts = [(r, p, m) for r, p, m in pts if p is not None and m is not None]
+    if len(pts) < 2:
+        return ""
+    paper_order = " > ".join(f"{r['variant']} ({p:g})" for r, p, _ in sorted(pts, key=lambda t: -t[1]))
+    swapped = [f"{lo['variant']} above {hi['variant']} by {mlo - mhi:.2f} points"
+               for hi, phi, mhi in pts for lo, plo, mlo in pts if phi > plo and mlo > mhi]
+    if not swapped:
+        return f"Paper's order {paper_order}: reproduced."
+    return f"Paper's order {paper_order}: not reproduced at this budget ({'; '.join(swapped)})."
+
+
 def _vs(value: float | None, threshold: float | None, digits: int) -> str:
     """'0.0443 (thr 0.0221, 2.0x)': a final value beside its collapse threshold."""
     if value is None:
@@ -268,12 +293,14 @@ def markdown(agg: Sequence[Mapping[str, Any]], per_seed: Sequence[Mapping[str, A
     from simsiam.metrics import healthy_std
 
     d = base.model.dim
+    guard = ("on (a run under a threshold for its window of steps stops early)" if guard_on
+             else "off (collapse is shown, not stopped)")
     lines = [
         "# SimSiam ablations",
         "",
         f"Config: {base.model.backbone} backbone, d = {d}, batch {base.optim.batch_size}, {base.train.epochs} "
         f"epochs, data {base.data.path}; seeds {', '.join(map(str, seeds))}. Collapse guard "
-        f"{'on' if guard_on else 'off'} (collapse is shown, not stopped). Linear top-1 is mean +- std over "
+        f"{guard}. Linear top-1 is mean +- std over "
         "seeds; collapse std (of l2-normalised z, healthy ~ 1/sqrt(d) = "
         f"{healthy_std(d):.4f}) and effective rank are the last epoch's means. A run counts as collapsed when "
         f"either is under the collapse guard's thresholds (std < {base.train.collapse_guard.std_ratio:g}/sqrt(d), "
@@ -303,6 +330,9 @@ def markdown(agg: Sequence[Mapping[str, Any]], per_seed: Sequence[Mapping[str, A
             lines.append(f"| {r['label']} | {top1} | {_vs(r['collapse_std'], r.get('std_threshold'), 4)} | "
                          f"{_vs(r['effective_rank'], r.get('rank_threshold'), 1)} | {r.get('trend', '')} | "
                          f"{r['status']} | {r['paper_imagenet']} |")
+        note = ordering_note([r for r in agg if r["study"] == name])
+        if note:
+            lines += ["", note]
     lines += ["", "## Every run", "",
               "| study | variant | seed | status | linear top-1 | kNN top-1 | collapse std | effective rank | reason |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

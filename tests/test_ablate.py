@@ -120,6 +120,25 @@ def test_summary_markdown_csv_and_plot(tmp_path):
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_each_study_says_whether_the_papers_order_is_reproduced():
+    assert [A.paper_figure(t) for t in ("67.7 +- 0.1", "0.1 (collapse)", "unstable (training fails)", "n/a")] == [
+        67.7, 0.1, 0.0, None]
+
+    def row(variant, paper, top1):
+        return {"variant": variant, "paper_imagenet": paper, "linear_top1_mean": top1}
+
+    bn = [row("none", "34.6", 70.0), row("hidden", "67.4", 80.0), row("default", "68.1", 81.0),
+          row("pred_output", "unstable (training fails)", 20.0)]
+    assert A.ordering_note(bn) == ("Paper's order default (68.1) > hidden (67.4) > none (34.6) > pred_output (0): "
+                                   "reproduced.")
+    bn[1]["linear_top1_mean"] = 81.5
+    assert A.ordering_note(bn).endswith("not reproduced at this budget (hidden above default by 0.50 points).")
+    # Ties in the paper are not an order; a missing result is left out.
+    assert A.ordering_note([row("b256", "68.1", 80.0), row("b512", "68.1", 82.0), row("b64", "66.1", None)]) == (
+        "Paper's order b256 (68.1) > b512 (68.1): reproduced.")
+    assert A.ordering_note([row("x", "n/a", 1.0)]) == ""
+
+
 def test_missing_runs_are_shown_as_missing():
     base = C.load("sample")
     grid = A.build_grid(base, A.select(["symmetry"]))
