@@ -1,6 +1,6 @@
 """`simsiam ablate`: the studies as data, the grid built from them, the table and plot writers (fast),
-then a short real run on the sample set (slow) where the no-stop-gradient and no-predictor variants end
-collapsed by the collapse metrics and the default does not."""
+then a real run with ablate's defaults on the sample preset (slow) where the no-stop-gradient and
+no-predictor variants are judged collapsed (or still collapsing) and the default is not."""
 from __future__ import annotations
 
 import csv
@@ -158,42 +158,35 @@ def test_cli_rejects_bad_names_before_starting_ray(capsys):
 
 # ----------------------------------------------------------------------------- a real study (slow)
 
-# Short runs on the digits, calibrated so the collapse metrics separate the variants within 44 SGD steps
-# (4 epochs of 11 at batch 128): a high lr speeds collapse up. Measured: last-epoch effective rank ~53
-# with stop-gradient and predictor, ~5 without stop-gradient, ~19 without predictor; the collapse
-# threshold is 0.2 x min(batch 128, d 256) = 25.6.
-# Small CPU shares let all three runs go at once (0.25 + 0.25 + 0.15 = 0.65 CPU each on 2).
-SHORT = {"model.small_width": 16, "model.dim": 256, "model.pred_dim": 64, "optim.base_lr": 1.0, "train.epochs": 4,
-         "train.knn_every": 2, "train.cpus_per_worker": 0.25, "data.data_cpus": 0.15, "train.log_every": 4,
-         "eval.linear.epochs": 5}
-
-
-
 
 @pytest.mark.slow
-def test_no_stop_gradient_and_no_predictor_end_collapsed_and_the_default_does_not(ray_local, digits_cache, tmp_path):
+def test_ablate_with_its_defaults_tells_collapse_from_the_default(ray_local, digits_cache, tmp_path):
+    """`simsiam ablate` on the sample preset exactly as a user runs it (its defaults: the preset's budget,
+    lr and widths; the guard off), three variants. Measured on the digits (15 epochs, see README):
+    without stop-gradient the rank ends at ~6 (threshold 25.6): collapsed; without a predictor it is
+    still falling at ~0.9 an epoch when the budget ends (~30): collapsing, not finished; the default
+    holds at ~75 with no trend."""
     from pipelines.ablate import main
 
     out = tmp_path / "ablate"
     argv = ["sample", "--study", "stop_gradient", "predictor", "--variant", "default", "no_stop_grad", "none",
             "--out-dir", str(out), "--set", f"data.cache_dir={digits_cache}"]
-    argv += [a for k, v in SHORT.items() for a in ("--set", f"{k}={v}")]
     assert main(argv) == 0
 
     with open(out / "ablations.csv") as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"default", "no_stop_grad", "none"}  # one row per variant and seed (1 seed)
     assert rows["default"]["status"] == "finished", rows["default"]
-    for collapsed in ("no_stop_grad", "none"):
-        assert rows[collapsed]["status"] == "collapsed", rows[collapsed]
-        assert "collapsed by the" in rows[collapsed]["reason"]
-        # Collapsed runs are still evaluated: the low accuracy is the result.
-        assert rows[collapsed]["linear_top1"] != ""
-    assert float(rows["default"]["effective_rank"]) > max(float(rows[v]["effective_rank"])
-                                                          for v in ("no_stop_grad", "none"))
+    assert rows["no_stop_grad"]["status"] == "collapsed", rows["no_stop_grad"]
+    assert "collapsed by the" in rows["no_stop_grad"]["reason"]
+    assert rows["none"]["status"] in ("collapsed", "collapsing"), rows["none"]
+    for v in ("no_stop_grad", "none"):
+        assert rows[v]["linear_top1"] != ""  # collapsed runs are still evaluated: the accuracy is the result
+        assert float(rows[v]["rank_margin"]) < float(rows["default"]["rank_margin"])
+    assert float(rows["no_stop_grad"]["rank_margin"]) < 1.0 < float(rows["default"]["rank_margin"])
     md = (out / "ablations.md").read_text()
     assert "| without stop-gradient |" in md and "| collapsed | 0.1 (collapse) |" in md
-    assert "| no predictor (identity) |" in md
+    assert "| no predictor (identity) |" in md and "Paper's order" in md
     assert (out / "ablations.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
     assert summary["runs"] == 3 and summary["resources"]["released"], summary
