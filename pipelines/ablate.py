@@ -12,7 +12,8 @@ collapse guard is off unless --collapse-guard, so collapse is shown rather than 
 counts as collapsed when its last epoch's collapse std or effective rank is under the guard's
 thresholds, and as collapsing when either is still above but falling steadily (least-squares slope
 over the last third of the run, 2 standard errors below 0) fast enough to cross it within as many
-more epochs as the run had, so that no verdict depends on where the budget ended. Rerunning the same command resumes an interrupted study.
+more epochs as the run had, so that no verdict depends on where the budget ended. Rerunning the same
+command resumes an interrupted study.
 
 Writes, under DIR (default runs/ablate-<run.name>):
   ablations.md     one table per study in the paper's shape (linear top-1 mean +- std over seeds, final
