@@ -5,7 +5,8 @@
 
 Each trial is a Tune function that pretrains (a TorchTrainer), then linear-evaluates the frozen
 backbone (a second TorchTrainer), and reports the linear top-1 as the objective. ASHA compares trials
-on the kNN monitor at each epoch (the search sets train.knn_every=1) and stops the weak ones; the
+on the kNN monitor (the search sets train.knn_every=1) from a quarter of the epochs on (its grace
+period, printed at the start; --grace-epochs to change) and stops the weak ones; the
 collapse guard stops collapsed runs inside the workers. Collapsed, diverged and crashed trials are
 recorded with their reason and the search goes on. As many trials run at once as the cluster fits
 (each needs its train workers' CPUs/GPUs plus a little for the trial and Ray Data); --max-concurrent
@@ -16,21 +17,27 @@ continue from their last pretraining checkpoint. Trials stopped by ASHA have no 
 not linear-evaluated: ASHA judged them not worth it).
 
 Writes, under DIR (default runs/search-<run.name>):
-  trials.csv           one row per trial: status, objective, parameters, reason, TensorBoard dir
+  trials.csv           one row per trial: Tune trial id, Optuna trial number, status, objective,
+                       parameters, reason, TensorBoard dir, trial dir
   best.yaml            the config of the best trial; `simsiam run DIR/best.yaml` runs it as is
-  plots/*.png          objective history and parameter importances (optuna.visualization.matplotlib)
+  plots/*.png          objective history (stopped trials at their last kNN) and parameter importances,
+                       each drawn once enough trials finished
   summary.json         best trial, counts by status, whether every placement group was released
   tune/                the Tune experiment; tune/optuna_journal.log is the Optuna study
                        (optuna.load_study(study_name="simsiam-search", storage=JournalStorage(...)));
+                       each Optuna trial's user_attrs hold tune_trial_id, tune_trial_dir, run_dir and
+                       status, its intermediate values the per-epoch kNN top-1;
                        tune/runs/<trial id>/ holds each trial's checkpoints and TensorBoard logs
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from simsiam import config as C
 from simsiam import search as S
@@ -50,8 +57,9 @@ def build_parser(prog: str = "python -m pipelines.search") -> argparse.ArgumentP
     p.add_argument("--seed", type=int, default=0, help="seed of Optuna's TPE sampler (default: 0)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="at most this many trials at once (default: as many as the cluster fits)")
-    p.add_argument("--grace-epochs", type=int, default=1,
-                   help="ASHA: epochs every trial runs before it can be stopped (default: 1)")
+    p.add_argument("--grace-epochs", type=int, default=None,
+                   help="ASHA: epochs every trial runs before it can be stopped, i.e. the first rung (default: "
+                        "a quarter of train.epochs, rounded up: early kNN scores mostly reflect the initialisation)")
     p.add_argument("--reduction-factor", type=float, default=2.0,
                    help="ASHA: keep the top 1/factor of trials at each rung (default: 2)")
     p.add_argument("--address", default=None,
@@ -64,6 +72,19 @@ def build_parser(prog: str = "python -m pipelines.search") -> argparse.ArgumentP
 def search_config(base: C.Config) -> C.Config:
     """The config trials start from: the kNN monitor every epoch, since ASHA decides on it each epoch."""
     return base.replace({"train.knn_every": 1})
+
+
+def default_grace(epochs: int) -> int:
+    """ASHA's grace period (its first rung) when not given: a quarter of the trial's epochs, rounded up.
+    A rung at epoch 1 judges trials on a kNN that mostly reflects the initialisation (seen: 3 of 4 trials
+    cut there); a quarter of the budget scales with any run length (15 epochs: rungs at 4 and 8)."""
+    return max(1, math.ceil(epochs / 4))
+
+
+def asha_rungs(scheduler: Any) -> list[int]:
+    """The epochs at which ASHA compares trials ([] for FIFO)."""
+    brackets = getattr(scheduler, "_brackets", None)
+    return sorted(int(m) for m, _ in brackets[0]._rungs) if brackets else []
 
 
 def make_scheduler(epochs: int, grace: int, reduction_factor: float):
@@ -79,14 +100,17 @@ def make_scheduler(epochs: int, grace: int, reduction_factor: float):
 
 
 def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str | os.PathLike, seed: int = 0,
-               max_concurrent: int | None = None, grace: int = 1, reduction_factor: float = 2.0,
+               max_concurrent: int | None = None, grace: int | None = None, reduction_factor: float = 2.0,
                address: str | None = None) -> dict:
-    """Run (or resume) the search and write its outputs; returns the summary (also DIR/summary.json)."""
+    """Run (or resume) the search and write its outputs; returns the summary (also DIR/summary.json).
+    ``grace``: ASHA's grace period in epochs; None = :func:`default_grace` of the trials' epochs."""
     from simsiam import console
     from simsiam.data.preflight import preflight
 
     if trials < 1:
         raise C.ConfigError(f"--trials: must be >= 1, got {trials}")
+    grace_from = "given" if grace is not None else "a quarter of the epochs, rounded up"
+    grace = default_grace(base.train.epochs) if grace is None else grace
     if grace < 1 or reduction_factor <= 1:
         raise C.ConfigError(f"--grace-epochs must be >= 1 and --reduction-factor > 1, got {grace}, {reduction_factor}")
     t0 = time.time()
@@ -121,10 +145,17 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
         (exp / S.STUDY_FILE).unlink(missing_ok=True)
     exp.mkdir(parents=True, exist_ok=True)
 
+    scheduler = make_scheduler(cfg.train.epochs, grace, reduction_factor)
+    rungs = asha_rungs(scheduler)
+    asha = {"grace_epochs": grace, "grace_from": grace_from, "reduction_factor": reduction_factor, "rungs": rungs}
+    console.say(f"ASHA: grace {grace} of {cfg.train.epochs} epochs ({grace_from}); "
+                + (f"compares trials on kNN top-1 at epoch(s) {', '.join(map(str, rungs))}, keeping the top "
+                   f"1/{reduction_factor:g}" if rungs else "no rung fits: every trial runs all its epochs"))
+
     def tune_config():
         return ray.tune.TuneConfig(
-            search_alg=S.make_searcher(space, exp, seed),
-            scheduler=make_scheduler(cfg.train.epochs, grace, reduction_factor),
+            search_alg=S.make_searcher(space, exp, seed, cfg.train.epochs),
+            scheduler=scheduler,
             num_samples=trials, max_concurrent_trials=concurrency, trial_dirname_creator=S.trial_dirname)
 
     trainable = S.make_trainable(cfg, train_path, eval_path, str(exp / "runs"))
@@ -132,15 +163,23 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
     grid, resumed = S.fit(out, trainable, tune_config, strict_metrics=False, callbacks=[lines])
     records = S.collect_results(grid, cfg.train.epochs)
     release = S.wait_for_release(total)
-    return write_outputs(base, space, records, out, exp, resumed, release, time.time() - t0)
+    return write_outputs(base, space, records, out, exp, resumed, release, time.time() - t0, asha)
 
 
 def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRecord], out: Path, exp: Path,
-                  resumed: bool, release: dict, wall_s: float) -> dict:
-    """trials.csv, the console table, best.yaml, plots and summary.json."""
+                  resumed: bool, release: dict, wall_s: float, asha: dict | None = None) -> dict:
+    """trials.csv (each Tune trial with its Optuna trial number and directory), the console table,
+    best.yaml, plots and summary.json."""
     from simsiam import console
 
-    rows = S.table_rows(records, space.names)
+    try:
+        study = S.load_study(exp)
+        S.fail_orphaned_trials(study)
+        numbers = S.optuna_numbers(study)
+    except Exception as e:  # noqa: BLE001 - the study is a convenience; the table and best.yaml stand
+        study, numbers = None, {}
+        console.warn(f"the Optuna study in {exp} could not be read: {type(e).__name__}: {e}")
+    rows = S.table_rows(records, space.names, numbers)
     S.write_csv(rows, out / "trials.csv")
     console.text(S.format_table(rows, [*S.TABLE_COLUMNS[:5], *space.names, "reason"]))
     best = S.best_record(records)
@@ -151,13 +190,12 @@ def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRec
     else:
         (out / "best.yaml").unlink(missing_ok=True)
         console.say("no trial finished with an objective: no best.yaml")
-    plots = {}
-    try:
-        study = S.load_study(exp)
-        S.fail_orphaned_trials(study)
-        plots = S.plot_study(study, out / "plots")
-    except Exception as e:  # noqa: BLE001 - plots are a convenience; the table and best.yaml stand
-        plots = {"study": f"skipped: {type(e).__name__}: {e}"}
+    plots = {"study": "skipped: the Optuna study could not be read"}
+    if study is not None:
+        try:
+            plots = S.plot_study(study, out / "plots")
+        except Exception as e:  # noqa: BLE001 - plots are a convenience; the table and best.yaml stand
+            plots = {"study": f"skipped: {type(e).__name__}: {e}"}
     for name, where in plots.items():
         console.say(f"plot {name}: {where}")
     if not release["released"]:
@@ -168,6 +206,7 @@ def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRec
         "best": None if best is None else {"trial_id": best.trial_id, "objective": best.objective,
                                            "params": best.params},
         "resumed": resumed,
+        "asha": asha,
         "resources": release,
         "plots": plots,
         "wall_s": round(wall_s, 2),

@@ -9,14 +9,17 @@ Three parts:
   pretraining as a TorchTrainer (its per-epoch reports reach Tune through ``TuneReportCallback``, so
   ASHA sees the kNN monitor each epoch, keyed by the ``epoch`` we report), then linear evaluation as a
   second TorchTrainer, and reports the final result with ``status`` and ``linear_top1``.
-* **Resources** (:func:`derive_concurrency`, :class:`ReleaseStoppedTrials`): how many trials fit, and
-  the placement groups of TorchTrainers whose trial was stopped returned to the cluster.
+* **Resources** (:func:`derive_concurrency`, :func:`reap_orphaned_placement_groups`): how many trials
+  fit, and the placement groups of TorchTrainers whose trial was stopped returned to the cluster.
 * **Results** (:func:`collect_results` and the writers): one :class:`TrialRecord` per trial with its
   status (finished | stopped_early | collapsed | diverged | failed), the CSV/console table, ``best.yaml``
   and the Optuna plots.
 
 Each trial trains under its own run name (the Tune trial id) in ``<experiment>/runs``, so a trial
 restarted after a driver crash resumes *its* pretraining checkpoint and never another trial's.
+
+The Ray Tune subclasses (the Optuna searcher, the callback) live in :mod:`simsiam.tune_plugins`: this
+module imports no Ray at import time, so ``simsiam search --help`` is instant.
 """
 from __future__ import annotations
 
@@ -34,8 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ray.tune import Callback
-from ray.tune.search.optuna import OptunaSearch
 
 from simsiam import config as C
 from simsiam.io import atomic_write_bytes, atomic_write_text
@@ -495,30 +496,6 @@ def reap_orphaned_placement_groups() -> int:
     return n
 
 
-class ReleaseStoppedTrials(Callback):
-    """Tune callback (driver side): every ``interval_s`` while trials run, and whenever one ends,
-    return the placement groups of TorchTrainers whose trial is gone (see :func:`orphaned_placement_groups`)."""
-
-    def __init__(self, interval_s: float = 2.0):
-        self.interval_s = interval_s
-        self.released = 0
-        self._last = 0.0
-
-    def _reap(self) -> None:
-        self._last = time.time()
-        self.released += reap_orphaned_placement_groups()
-
-    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
-        if time.time() - self._last >= self.interval_s:
-            self._reap()
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._reap()
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._reap()
-
-
 def wait_for_release(total: Mapping[str, float], timeout_s: float = 30.0) -> dict:
     """Poll (reaping orphaned groups) until no placement group is PENDING/CREATED/RESCHEDULING and the
     free CPU is back to ``total``; returns what it saw (``released`` says whether it got there)."""
@@ -648,11 +625,15 @@ TABLE_COLUMNS = ("trial_id", "status", "objective", "linear_top5", "epochs_compl
                  "collapse_std", "effective_rank")
 
 
-def table_rows(records: Sequence[TrialRecord], param_names: Sequence[str]) -> list[dict]:
-    """One flat dict per trial: the fixed columns, each parameter, then reason and log paths."""
+def table_rows(records: Sequence[TrialRecord], param_names: Sequence[str],
+               optuna_trials: Mapping[str, int] | None = None) -> list[dict]:
+    """One flat dict per trial: the fixed columns, each parameter, then reason and log paths. With
+    ``optuna_trials`` ({Tune trial id: Optuna trial number}), an ``optuna_trial`` column follows ``trial_id``."""
     rows = []
     for r in records:
         row = {c: getattr(r, c) for c in TABLE_COLUMNS}
+        if optuna_trials is not None:
+            row = {"trial_id": row.pop("trial_id"), "optuna_trial": optuna_trials.get(r.trial_id), **row}
         row.update({n: r.params.get(n) for n in param_names})
         row.update(reason=r.reason, tensorboard=r.tensorboard, path=r.path)
         rows.append(row)
@@ -698,26 +679,74 @@ def _save_figure(fig: Any, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+MIN_FOR_HISTORY = 2      # trials with a value (finished, or stopped with a kNN) to draw the history
+MIN_FOR_IMPORTANCE = 4   # finished trials before parameter importances mean anything
+
+
+def _history_figure(study: Any) -> Any:
+    """Optimisation history: each finished trial's objective with the best so far, and each trial ASHA
+    stopped at its last kNN top-1 (its last intermediate value), marked apart."""
+    import matplotlib.pyplot as plt
+    from optuna.trial import TrialState
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE and t.value is not None]
+    stopped = [t for t in study.trials if t.state == TrialState.PRUNED and t.intermediate_values]
+    if done:
+        xs = [t.number for t in done]
+        ax.plot(xs, [t.value for t in done], "o", color="tab:blue", label=f"finished: {OBJECTIVE} ({len(done)})")
+        best, run = [], -math.inf
+        for t in done:
+            run = max(run, t.value)
+            best.append(run)
+        ax.step(xs, best, where="post", color="tab:red", label="best so far")
+    if stopped:
+        last = [(t.number, t.intermediate_values[max(t.intermediate_values)], max(t.intermediate_values))
+                for t in stopped]
+        ax.plot([n for n, _, _ in last], [v for _, v, _ in last], "v", color="tab:gray", mfc="none",
+                label=f"stopped by ASHA: last kNN top-1 ({len(stopped)})")
+        for n, v, epoch in last:
+            ax.annotate(f"ep {epoch}", (n, v), textcoords="offset points", xytext=(4, -10), fontsize=7, color="gray")
+    ax.set_xlabel("Optuna trial number")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title("optimisation history")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def plot_study(study: Any, out_dir: str | os.PathLike) -> dict[str, str]:
-    """Objective history and parameter importances of an Optuna study as PNGs under ``out_dir``.
-    Returns {name: path or 'skipped: why'} (importances need at least two completed trials)."""
+    """Optimisation history and parameter importances of an Optuna study as PNGs under ``out_dir``.
+    Returns {name: path, or 'skipped: why'}: a plot with too few trials to mean anything is not drawn
+    (and an older one of the same name is removed), rather than drawn as one dot."""
     import warnings
 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
+    from optuna.trial import TrialState
 
     out = Path(out_dir)
+    n_done = sum(t.state == TrialState.COMPLETE and t.value is not None for t in study.trials)
+    n_stopped = sum(t.state == TrialState.PRUNED and bool(t.intermediate_values) for t in study.trials)
+    counts = f"{n_done} finished, {n_stopped} stopped early with a kNN value"
     done = {}
-    for name, fn in (("optimization_history", ovm.plot_optimization_history),
-                     ("param_importances", ovm.plot_param_importances)):
+    for name, enough, need, draw in (
+            ("optimization_history", n_done + n_stopped >= MIN_FOR_HISTORY,
+             f"needs {MIN_FOR_HISTORY} with a value", lambda: _history_figure(study)),
+            ("param_importances", n_done >= MIN_FOR_IMPORTANCE, f"needs {MIN_FOR_IMPORTANCE} finished",
+             lambda: ovm.plot_param_importances(study))):
         path = out / f"{name}.png"
+        if not enough:
+            path.unlink(missing_ok=True)
+            done[name] = f"skipped: not enough finished trials ({counts}; {need})"
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # optuna's ExperimentalWarning for the matplotlib backend
-                ax = fn(study)
-            fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                ax = draw()
+            fig = ax if hasattr(ax, "savefig") else ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
             _save_figure(fig, path)
             plt.close(fig)
             done[name] = str(path)
@@ -750,30 +779,41 @@ def fail_orphaned_trials(study: Any) -> int:
 
     n = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_user_attr(t._trial_id, "status", "failed")
+        study._storage.set_trial_user_attr(t._trial_id, "reason", "asked for by a search driver that was killed "
+                                                                    "before Tune recorded the trial; never run")
         study.tell(t.number, state=TrialState.FAIL)
         n += 1
     return n
 
 
-class FinalObjectiveOptunaSearch(OptunaSearch):
-    """OptunaSearch told only the final objective: the per-epoch results (no ``linear_top1`` yet) are
-    ASHA's business, and Optuna's ``report`` fails on a missing value."""
+def optuna_numbers(study: Any) -> dict[str, int]:
+    """{Tune trial id: Optuna trial number} from the study's ``tune_trial_id`` user attributes. A Tune
+    trial asked for twice (by a driver killed before its searcher state was saved, then again after the
+    restore) maps to the Optuna trial that did not fail as an orphan."""
+    from optuna.trial import TrialState
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if _num(result.get(self.metric)) is not None:
-            super().on_trial_result(trial_id, result)
+    out: dict[str, Any] = {}
+    for t in study.get_trials(deepcopy=False):
+        tid = t.user_attrs.get("tune_trial_id")
+        if tid is not None and (tid not in out or out[tid].state == TrialState.FAIL):
+            out[tid] = t
+    return {tid: t.number for tid, t in out.items()}
 
 
-def make_searcher(space: SearchSpace, experiment_dir: str | os.PathLike, seed: int) -> Any:
-    """OptunaSearch with a seeded TPE sampler over ``space``; its study lives in the experiment directory
-    (see :func:`study_storage`), so a restored search continues the same study."""
+def make_searcher(space: SearchSpace, experiment_dir: str | os.PathLike, seed: int, epochs: int) -> Any:
+    """A :class:`simsiam.tune_plugins.LinkedOptunaSearch` with a seeded TPE sampler over ``space``; its
+    study lives in the experiment directory (see :func:`study_storage`), so a restored search continues
+    the same study. ``epochs``: the trials' pretraining epochs (to tell a stopped trial's status)."""
     import optuna
 
-    return FinalObjectiveOptunaSearch(
+    from simsiam.tune_plugins import LinkedOptunaSearch
+
+    return LinkedOptunaSearch(
         space.to_optuna(), metric=OBJECTIVE, mode="max",
         points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None,
         sampler=optuna.samplers.TPESampler(seed=seed), study_name=STUDY_NAME,
-        storage=study_storage(experiment_dir))
+        storage=study_storage(experiment_dir), experiment_dir=str(Path(experiment_dir).resolve()), epochs=epochs)
 
 
 # ============================================================================ driving Tune
@@ -851,6 +891,8 @@ def fit(out_dir: str | os.PathLike, trainable: Any, tune_config: Callable[[], An
     ``callbacks``: more Tune callbacks (the console's trial lines); a restored experiment keeps those it
     was started with (Tune pickles them with the experiment)."""
     import ray.tune
+
+    from simsiam.tune_plugins import ReleaseStoppedTrials
 
     exp = Path(out_dir).resolve() / EXPERIMENT
     # Tune snapshots the experiment at most every 10 s, and less often as the snapshot grows; a driver

@@ -98,15 +98,32 @@ def test_best_yaml_is_a_runnable_config_with_the_best_params(tmp_path):
     assert "72.25" in (tmp_path / "best.yaml").read_text().splitlines()[0]
 
 
-def test_study_plots_are_pngs_and_importances_wait_for_two_trials(tmp_path):
+def test_study_plots_wait_for_enough_trials_and_history_shows_stopped_trials(tmp_path):
     dists = {"optim.base_lr": optuna.distributions.FloatDistribution(0.01, 1.0, log=True),
              "model.pred_dim": optuna.distributions.CategoricalDistribution([32, 64])}
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
     t = study.ask(dists)
     study.tell(t, 40.0)
-    one = S.plot_study(study, tmp_path / "one")
-    assert Path(one["optimization_history"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for i in range(5):
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "optimization_history.png").write_bytes(b"stale")  # from an earlier run: removed
+    one = S.plot_study(study, tmp_path / "p")
+    assert one == {name: f"skipped: not enough finished trials (1 finished, 0 stopped early with a kNN value; {need})"
+                   for name, need in (("optimization_history", "needs 2 with a value"),
+                                      ("param_importances", "needs 4 finished"))}
+    assert not list((tmp_path / "p").iterdir())
+    # A trial ASHA stopped after epoch 2 (kNN 31.5 there) counts for the history, at its last kNN.
+    t = study.ask(dists)
+    t.report(20.0, 1)
+    t.report(31.5, 2)
+    study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    two = S.plot_study(study, tmp_path / "p")
+    assert Path(two["optimization_history"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert two["param_importances"].startswith("skipped: not enough finished trials (1 finished, 1 stopped")
+    fig = S._history_figure(study)
+    lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in fig.axes[0].lines}
+    assert lines["finished: linear_top1 (1)"] == ([0], [40.0])
+    assert lines["stopped by ASHA: last kNN top-1 (1)"] == ([1], [31.5])
+    for i in range(4):
         t = study.ask(dists)
         study.tell(t, 40.0 + 5 * i * t.params["optim.base_lr"])
     many = S.plot_study(study, tmp_path / "many")
@@ -119,8 +136,9 @@ def test_orphaned_running_study_trials_are_failed(tmp_path):
     study.tell(study.ask(dist), 1.0)
     study.ask(dist)  # asked by a driver that was then killed
     assert S.fail_orphaned_trials(S.load_study(tmp_path)) == 1
-    states = [t.state for t in S.load_study(tmp_path).trials]
-    assert states == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    trials = S.load_study(tmp_path).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+    assert trials[1].user_attrs["status"] == "failed" and "killed" in trials[1].user_attrs["reason"]
 
 
 # ----------------------------------------------------------------------------- resources and settings
@@ -182,10 +200,12 @@ def test_trial_overrides_and_final_collapse():
     assert S.final_collapse([{**low_rank[0], "world_size": 2}], cfg).status == "healthy"  # 20 >= 0.2 x 64
 
 
-def test_asha_has_no_rung_at_the_last_epoch():
-    from pipelines.search import make_scheduler
+def test_asha_has_no_rung_at_the_last_epoch_and_its_grace_is_a_quarter_of_the_epochs():
+    from pipelines.search import asha_rungs, default_grace, make_scheduler
 
     assert type(make_scheduler(1, 1, 2)).__name__ == "FIFOScheduler"
+    assert [default_grace(e) for e in (1, 2, 4, 5, 15, 100, 800)] == [1, 1, 1, 2, 4, 25, 200]
+    assert asha_rungs(make_scheduler(15, default_grace(15), 2)) == [4, 8] and asha_rungs(make_scheduler(1, 1, 2)) == []
     for epochs in (2, 3, 5, 9):
         sched = make_scheduler(epochs, 1, 2)
         rungs = [m for m, _ in sched._brackets[0]._rungs]
@@ -294,10 +314,45 @@ def test_search_end_to_end_survives_a_killed_driver(digits_cache, tmp_path):
     # The Optuna study in the experiment directory holds every finished trial's objective.
     values = sorted(t.value for t in S.load_study(out / S.EXPERIMENT).trials if t.value is not None)
     assert values == sorted(float(r["objective"]) for r in done)
+    assert "[simsiam] ASHA: grace 1 of 2 epochs (a quarter of the epochs, rounded up)" in rerun.stdout
+    assert summary["asha"]["rungs"] == [1]
+
+    # The journal, opened with optuna's own JournalStorage, links every trial: Optuna number <-> Tune id,
+    # Tune's trial directory and the status trials.csv gives.
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="simsiam-search", storage=JournalStorage(
+        JournalFileBackend(str(out / S.EXPERIMENT / "optuna_journal.log"))))
+    by_number = {t.number: t for t in study.trials}
+    assert {r["trial_id"] for r in rows} <= {t.user_attrs.get("tune_trial_id") for t in study.trials}
+    for r in rows:
+        t = by_number[int(r["optuna_trial"])]
+        assert t.user_attrs["tune_trial_id"] == r["trial_id"] and t.user_attrs["status"] == r["status"], (r, t)
+        assert t.user_attrs["tune_trial_dir"] == r["path"] and Path(r["path"]).is_dir()
+        # TensorBoard, read with tensorboard's EventAccumulator, has every epoch the trial reported to
+        # Tune (result.json) - stopped, collapsed, diverged and resumed trials included.
+        results = [json.loads(line) for line in (Path(r["path"]) / "result.json").read_text().splitlines()]
+        reported = {d["epoch"] for d in results if "epoch" in d}
+        logged = _tensorboard_steps(Path(t.user_attrs["run_dir"]) / "tensorboard", "epoch/loss")
+        assert reported <= set(logged), (r["trial_id"], r["status"], reported, logged)
+        if r["status"] == "stopped_early":
+            assert reported and t.intermediate_values, (r, t.intermediate_values)
 
 
 
 
+
+
+def _tensorboard_steps(logdir: Path, tag: str) -> list[int]:
+    """The steps of scalar ``tag`` in a TensorBoard log directory, read with tensorboard's EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not logdir.is_dir():
+        return []
+    acc = EventAccumulator(str(logdir))
+    acc.Reload()
+    return sorted({e.step for e in acc.Scalars(tag)}) if tag in acc.Tags()["scalars"] else []
 
 
 def _released_within(total: dict, seconds: float) -> bool:
@@ -325,6 +380,9 @@ def _toy_trial(config: dict) -> None:
     lr, flag = config["optim.base_lr"], Path(config["flag"])
 
     def loop(cfg):
+        from simsiam.train import TensorBoardSync
+
+        tb = TensorBoardSync(ray.train.get_context().get_storage())  # as the real train loop logs
         for epoch in range(1, 4):
             if cfg["lr"] < 0.1 and epoch == 1:
                 # The weak trial reaches the first rung only after the strong one is recorded there.
@@ -332,6 +390,8 @@ def _toy_trial(config: dict) -> None:
                     time.sleep(0.2)
                 time.sleep(1.0)
             time.sleep(0.6)
+            tb.scalars({"epoch/knn_top1": 100 * cfg["lr"]}, epoch)
+            tb.sync()
             ray.train.report({"epoch": epoch, "knn_top1": 100 * cfg["lr"], "step": 3 * epoch})
             if cfg["lr"] >= 0.1 and epoch == 1:
                 flag.touch()
@@ -357,7 +417,7 @@ def test_asha_stops_weak_trials_and_their_torchtrainers_release_everything(ray_l
     exp.mkdir()
 
     def tune_config():
-        return ray.tune.TuneConfig(search_alg=S.make_searcher(space, exp, seed=0),
+        return ray.tune.TuneConfig(search_alg=S.make_searcher(space, exp, seed=0, epochs=3),
                                    scheduler=make_scheduler(3, 1, 2), num_samples=2, max_concurrent_trials=2,
                                    trial_dirname_creator=S.trial_dirname)
 
@@ -371,11 +431,20 @@ def test_asha_stops_weak_trials_and_their_torchtrainers_release_everything(ray_l
     assert by_lr[0.01].status == "stopped_early", [(r.params, r.status, r.reason) for r in records]
     assert by_lr[0.01].epochs_completed == 1 and by_lr[0.01].objective is None
     assert by_lr[0.5].status == "finished" and by_lr[0.5].objective == pytest.approx(50.0)
-    # Optuna saw the final objective of finished trials and a pruned state for stopped ones.
+    # Optuna saw the final objective of finished trials and a pruned state for stopped ones, each Optuna
+    # trial linked to its Tune trial, with the kNN per epoch as intermediate values.
     study = S.load_study(exp)
-    states = {t.params["optim.base_lr"]: t.state.name for t in study.trials}
-    assert states[0.5] == "COMPLETE" and states[0.01] == "PRUNED"
+    by = {t.params["optim.base_lr"]: t for t in study.trials}
+    assert by[0.5].state.name == "COMPLETE" and by[0.01].state.name == "PRUNED"
     assert max(t.value for t in study.trials if t.value is not None) == pytest.approx(50.0)
+    assert {lr: t.user_attrs["tune_trial_id"] for lr, t in by.items()} == {lr: r.trial_id for lr, r in by_lr.items()}
+    assert by[0.01].user_attrs["status"] == "stopped_early" and by[0.5].user_attrs["status"] == "finished"
+    assert by[0.01].user_attrs["tune_trial_dir"] == str(exp.resolve() / by_lr[0.01].trial_id)
+    assert by[0.01].intermediate_values == {1: pytest.approx(1.0)}
+    # The stopped trial's TensorBoard, read with TensorBoard's own reader, has the epoch it reported
+    # just before Tune stopped it (an asynchronous writer lost it: the actor died with its queue).
+    for lr_, epochs in ((0.01, [1]), (0.5, [1, 2, 3])):
+        assert _tensorboard_steps(tmp_path / "runs" / by_lr[lr_].trial_id / "tensorboard", "epoch/knn_top1") == epochs
 
 
 @pytest.mark.slow

@@ -1,0 +1,88 @@
+"""The Ray Tune subclasses the search harness (:mod:`simsiam.search`) plugs into Tune: the Optuna
+searcher that links each Optuna trial to its Tune trial, and the callback that returns a stopped
+trial's resources. Kept apart because importing them imports Ray Tune (most of a second), which
+``simsiam search --help`` and the search-space checks do not need."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.search.optuna import OptunaSearch
+
+from simsiam import search as S
+
+
+class LinkedOptunaSearch(OptunaSearch):
+    """OptunaSearch whose study is readable on its own, with no Tune state at hand:
+
+    * each Optuna trial carries user attributes ``tune_trial_id``, ``tune_trial_dir`` (Tune's trial
+      directory: result.json, error.txt), ``run_dir`` (its pretraining run: checkpoints, TensorBoard),
+      set when the trial is asked for, and ``status`` / ``reason`` (finished | stopped_early |
+      collapsed | diverged | failed, as in trials.csv), set when it ends;
+    * the per-epoch kNN top-1 is the trial's intermediate value at step = epoch, so a trial ASHA stopped
+      (PRUNED) still shows how far it got;
+    * Optuna is told only the final objective (``linear_top1``) as the trial's value; per-epoch results
+      without it are ASHA's business, and Optuna's ``tell`` fails on a missing value.
+    """
+
+    def __init__(self, *args: Any, experiment_dir: str, epochs: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.experiment_dir = str(experiment_dir)
+        self.epochs = int(epochs)
+        self._reported: set[tuple[str, int]] = set()
+
+    def suggest(self, trial_id: str) -> Any:
+        out = super().suggest(trial_id)
+        ot = self._ot_trials.get(trial_id)
+        if isinstance(out, dict) and ot is not None:
+            exp = Path(self.experiment_dir)
+            ot.set_user_attr("tune_trial_id", trial_id)
+            ot.set_user_attr("tune_trial_dir", str(exp / trial_id))  # see S.trial_dirname
+            ot.set_user_attr("run_dir", str(exp / "runs" / trial_id))
+        return out
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        knn, epoch = S._num(result.get(S.ASHA_METRIC)), result.get(S.TIME_ATTR)
+        ot = self._ot_trials.get(trial_id)
+        if ot is None or knn is None or epoch is None or (trial_id, int(epoch)) in self._reported:
+            return
+        self._reported.add((trial_id, int(epoch)))
+        ot.report(knn, int(epoch))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        ot = self._ot_trials.get(trial_id)
+        if ot is not None and trial_id not in self._completed_trials:
+            if error:
+                status, reason = "failed", "the trial raised an error: see trials.csv and <tune_trial_dir>/error.txt"
+            else:
+                status, reason = S.classify(result or {}, None, self.epochs)
+            ot.set_user_attr("status", status)
+            ot.set_user_attr("reason", reason[:1000])
+        super().on_trial_complete(trial_id, result=result, error=error)
+
+
+class ReleaseStoppedTrials(Callback):
+    """Tune callback (driver side): every ``interval_s`` while trials run, and whenever one ends,
+    return the placement groups of TorchTrainers whose trial is gone (see
+    :func:`simsiam.search.orphaned_placement_groups`)."""
+
+    def __init__(self, interval_s: float = 2.0):
+        self.interval_s = interval_s
+        self.released = 0
+        self._last = 0.0
+
+    def _reap(self) -> None:
+        self._last = time.time()
+        self.released += S.reap_orphaned_placement_groups()
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.time() - self._last >= self.interval_s:
+            self._reap()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._reap()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._reap()
