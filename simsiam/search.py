@@ -54,6 +54,17 @@ STUDY_NAME = "simsiam-search"
 STUDY_FILE = "optuna_journal.log"
 
 
+def __getattr__(name: str) -> Any:
+    # Experiments snapshotted by earlier versions pickled these Tune classes under this module's name;
+    # resolving them here (importing Ray only then) lets such a search resume.
+    legacy = {"FinalObjectiveOptunaSearch": "LinkedOptunaSearch", "ReleaseStoppedTrials": "ReleaseStoppedTrials"}
+    if name in legacy:
+        from simsiam import tune_plugins
+
+        return getattr(tune_plugins, legacy[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 class SpaceError(C.ConfigError):
     """An invalid search space: the message names the file, the parameter and what is wrong."""
 

@@ -27,6 +27,11 @@ class LinkedOptunaSearch(OptunaSearch):
       without it are ASHA's business, and Optuna's ``tell`` fails on a missing value.
     """
 
+    # Class-level defaults: a searcher pickled by an older version (as simsiam.search's
+    # FinalObjectiveOptunaSearch) and restored with a resumed search has none of these attributes.
+    experiment_dir = ""
+    epochs = 0
+
     def __init__(self, *args: Any, experiment_dir: str, epochs: int, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.experiment_dir = str(experiment_dir)
@@ -36,7 +41,7 @@ class LinkedOptunaSearch(OptunaSearch):
     def suggest(self, trial_id: str) -> Any:
         out = super().suggest(trial_id)
         ot = self._ot_trials.get(trial_id)
-        if isinstance(out, dict) and ot is not None:
+        if isinstance(out, dict) and ot is not None and self.experiment_dir:
             exp = Path(self.experiment_dir)
             ot.set_user_attr("tune_trial_id", trial_id)
             ot.set_user_attr("tune_trial_dir", str(exp / trial_id))  # see S.trial_dirname
@@ -44,16 +49,22 @@ class LinkedOptunaSearch(OptunaSearch):
         return out
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._report_knn(trial_id, result)
+
+    def _report_knn(self, trial_id: str, result: dict) -> None:
         knn, epoch = S._num(result.get(S.ASHA_METRIC)), result.get(S.TIME_ATTR)
         ot = self._ot_trials.get(trial_id)
-        if ot is None or knn is None or epoch is None or (trial_id, int(epoch)) in self._reported:
+        reported = self.__dict__.setdefault("_reported", set())
+        if ot is None or knn is None or epoch is None or (trial_id, int(epoch)) in reported:
             return
-        self._reported.add((trial_id, int(epoch)))
+        reported.add((trial_id, int(epoch)))
         ot.report(knn, int(epoch))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot = self._ot_trials.get(trial_id)
         if ot is not None and trial_id not in self._completed_trials:
+            # The result that made ASHA stop a trial reaches the searcher only here, not in on_trial_result.
+            self._report_knn(trial_id, result or {})
             if error:
                 status, reason = "failed", "the trial raised an error: see trials.csv and <tune_trial_dir>/error.txt"
             else:
