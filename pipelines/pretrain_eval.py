@@ -47,7 +47,8 @@ def build_parser(prog: str = "python -m pipelines.pretrain_eval") -> argparse.Ar
 
 def _empty_results(cfg: C.Config) -> dict:
     return {"status": "failed", "reason": "", "epochs_completed": 0, "linear_top1": None, "linear_top5": None,
-            "knn_top1": None, "collapse_std": None, "effective_rank": None, "pairs_per_s": None,
+            "baselines": None, "ssl_gain": None, "knn_top1": None, "collapse_std": None, "effective_rank": None,
+            "pairs_per_s": None,
             "skipped_images": 0, "checkpoint": None, "run_path": None, "tensorboard": None, "history": [],
             "config": cfg.to_dict()}
 
@@ -100,7 +101,7 @@ def _run(cfg: C.Config, out_dir: Path, address: str | None, results: dict) -> No
     for w in data.warnings:
         console.warn(w)
 
-    from simsiam.evaluate import linear_eval
+    from simsiam.evaluate import linear_eval, ssl_gain
     from simsiam.ray_utils import init_ray
     from simsiam.train import pretrain
 
@@ -152,6 +153,8 @@ def _run(cfg: C.Config, out_dir: Path, address: str | None, results: dict) -> No
             how = "cached, in this run" if ev.get("in_run") else f"{cfg.eval.linear.protocol} protocol"
             skipped = f", {ev['skipped']} bad rows skipped" if ev.get("skipped") else ""
             console.say(f"linear evaluation ({how}): top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%{skipped}")
+            if ev.get("baselines"):
+                results.update(baselines=ev["baselines"], ssl_gain=ssl_gain(ev["top1"], ev["baselines"]))
         except Exception as e:  # noqa: BLE001 - a failed evaluation is recorded, the pretraining result kept
             console.log_exception(e)
             results.update(status="failed", reason=f"linear evaluation failed: {console.one_line(e)}")
@@ -178,6 +181,16 @@ def _final_lines(res: dict, out_dir: Path, verbose: bool = False) -> None:
     if console.log_path() is not None:
         what = "this run's lines and tracebacks" if verbose else "Ray's output and tracebacks"
         console.say(f"{what}: {console.log_path()}")
+    if res.get("ssl_gain") is not None:  # last: what the run proves, in words
+        console.say(baseline_sentence(res))
+
+
+def baseline_sentence(results: dict) -> str:
+    """The result in words: trained linear top-1 against both baselines, and the gain over the better one."""
+    b = results["baselines"]
+    return (f"linear top-1 {results['linear_top1']:.1f}% vs raw pixels {b['raw_pixels']['linear_top1']:.1f}%, "
+            f"random init {b['random_init']['linear_top1']:.1f}%: {results['ssl_gain']:+.1f} points from "
+            "self-supervision")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipelines.pretrain_eval") -> int:

@@ -91,7 +91,8 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f("builtin:digits", "training shards: a directory or URI of Parquet shards, or builtin:digits")
+    path: str = _f("builtin:shapes", "training shards: a directory or URI of Parquet shards, or a built-in set: "
+                                     "builtin:shapes, builtin:digits")
     eval_path: str = _f("", "held-out shards for kNN/linear test; empty = the builtin's test split")
     image_size: int = _f(224, "crop size fed to the network", ge=8)
     eval_resize: float = _f(256 / 224, "eval: resize the short side to image_size x this, then centre-crop", ge=1.0)
@@ -161,12 +162,19 @@ class LinearEvalConfig:
     weight_decay: float = _f(0.0, "weight decay", ge=0.0)
     momentum: float = _f(0.9, "momentum", ge=0.0, lt=1.0)
     num_workers: int = _f(1, "linear-eval workers", ge=1)
+    standardize: bool = _f(True, "cached protocol: standardise every feature with the fit set's mean and std "
+                                 "before the linear layer (as MAE's BatchNorm-without-affine probe), so the score "
+                                 "does not depend on the feature scale; the full protocol never does")
 
 
 @dataclass
 class EvalConfig:
     linear: LinearEvalConfig = field(default_factory=LinearEvalConfig)
     enabled: bool = _f(True, "run linear evaluation after pretraining")
+    baselines: bool = _f(True, "cached protocol: also score the same architecture at random init and the raw "
+                               "eval pixels (flattened) under the same protocol and data (results.json "
+                               "baselines, ssl_gain); turn off for ImageNet-scale data, where raw pixels are "
+                               "H x W x 3 features per image")
 
 
 @dataclass

@@ -142,6 +142,11 @@ def train_linear_cached(train_feats: torch.Tensor, train_labels: torch.Tensor, t
     """Train the linear classifier on fixed features; return test ``top1``/``top5`` (percent),
     ``train_top1``, ``lr`` (initial), ``steps`` and the classifier's ``state_dict`` (CPU).
 
+    With ``cfg.standardize`` the classifier trains on features standardised with the fit set's mean and
+    std (:func:`feature_standardizer`), so SGD at one lr fits features of any scale (a random-init
+    backbone's are ~1e-3); the returned ``classifier`` has the standardisation folded in and applies to
+    the raw features.
+
     Minibatches are reshuffled every epoch from ``seed``; the lr follows the batch actually used
     (``min(cfg.batch_size, N)``), decayed by a per-step cosine over ``cfg.epochs``."""
     n, dim = train_feats.shape
@@ -159,6 +164,10 @@ def train_linear_cached(train_feats: torch.Tensor, train_labels: torch.Tensor, t
     init_lr = optimizer.param_groups[0]["lr"]
     steps_per_epoch = math.ceil(n / batch)
     x, y = train_feats.float(), train_labels.long().to(device)
+    test_x = test_feats.float().to(device)
+    if cfg.standardize:
+        mean, std = feature_standardizer(x)
+        x, test_x = (x - mean) / std, (test_x - mean) / std
     steps = 0
     fc.train()
     for epoch in range(cfg.epochs):
@@ -173,10 +182,25 @@ def train_linear_cached(train_feats: torch.Tensor, train_labels: torch.Tensor, t
             steps += 1
     fc.eval()
     with torch.no_grad():
-        test = topk_accuracy(fc(test_feats.float().to(device)), test_labels.to(device), (1, 5))
+        test = topk_accuracy(fc(test_x), test_labels.to(device), (1, 5))
         train_top1 = topk_accuracy(fc(x), y, (1,))["top1"]
+        weight, bias = fc.weight.detach(), fc.bias.detach()
+        if cfg.standardize:  # fold the standardisation in: the classifier applies to the raw features
+            weight = weight / std
+            bias = bias - weight @ mean
     return {"top1": test["top1"], "top5": test["top5"], "train_top1": train_top1, "lr": init_lr, "steps": steps,
-            "classifier": {k: v.detach().cpu() for k, v in fc.state_dict().items()}}
+            "classifier": {"weight": weight.cpu().clone(), "bias": bias.cpu().clone()}}
+
+
+def feature_standardizer(feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension (mean, std) of fit-set features, for ``(x - mean) / std``.
+
+    Constant dimensions (dead ReLUs; std below 1e-6 of the largest) get std 1, so they stay 0 instead of
+    amplifying rounding noise. Statistics in float64: features can be ~1e-3 in scale with a large mean."""
+    f = feats.double()
+    mean, std = f.mean(dim=0), f.std(dim=0)
+    std = torch.where(std > 1e-6 * std.max().clamp_min(1e-300), std, torch.ones_like(std))
+    return mean.float(), std.float()
 
 
 def linear_eval_cached(backbone: nn.Module, train_batches: Iterable, test_batches: Iterable, num_classes: int,
@@ -192,6 +216,46 @@ def linear_eval_cached(backbone: nn.Module, train_batches: Iterable, test_batche
     return result
 
 
+def raw_pixel_features(batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                       normalize: Callable[[torch.Tensor], torch.Tensor],
+                       device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The raw-pixel baseline's features: each normalised eval image flattened, as (float32 (N, 3 S S), labels)."""
+    feats, labels = [], []
+    for images, y in batches:
+        feats.append(normalize(images.to(device)).flatten(1).float().cpu())
+        labels.append(torch.as_tensor(y).long().cpu())
+    if not feats:
+        raise ValueError("raw_pixel_features: no batches")
+    return torch.cat(feats), torch.cat(labels)
+
+
+def baseline_scores(random_backbone: nn.Module, train_batches: list, test_batches: list, num_classes: int,
+                    normalize: Callable[[torch.Tensor], torch.Tensor], cfg: LinearEvalConfig, seed: int,
+                    knn_k: int, knn_t: float, device: torch.device | str = "cpu") -> dict:
+    """What a trained backbone must beat, under the same cached protocol, data and kNN monitor:
+    ``{"random_init": {...}, "raw_pixels": {...}}``, each ``{"linear_top1", "knn_top1"}`` (percent).
+
+    ``random_backbone`` is the same architecture untrained; the raw-pixel features are the eval images
+    (normalised) flattened. The batch lists are iterated once per feature set."""
+    before = snapshot_backbone(random_backbone)
+    extractors = {"random_init": lambda b: extract_features(random_backbone, b, normalize, device),
+                  "raw_pixels": lambda b: raw_pixel_features(b, normalize, device)}
+    out = {}
+    for name, extract in extractors.items():
+        (ftr, ltr), (fte, lte) = extract(train_batches), extract(test_batches)
+        ftr, fte = ftr.to(device), fte.to(device)
+        lin = train_linear_cached(ftr, ltr, fte, lte, num_classes, cfg, seed)
+        knn = knn_accuracy(ftr, ltr, fte, lte, k=knn_k, t=knn_t, num_classes=num_classes)
+        out[name] = {"linear_top1": lin["top1"], "knn_top1": 100.0 * knn}
+    assert_backbone_unchanged(before, random_backbone)
+    return out
+
+
+def ssl_gain(linear_top1: float, baselines: dict) -> float:
+    """Trained linear top-1 minus the better baseline's (percentage points)."""
+    return linear_top1 - max(b["linear_top1"] for b in baselines.values())
+
+
 # ----------------------------------------------------------------------------- linear evaluation on Ray Train
 
 
@@ -203,16 +267,28 @@ def linear_eval_cached_on_shards(backbone: nn.Module, cfg: Config, num_classes: 
 
     from simsiam.augment import normalize
     from simsiam.data import pipeline as data_pipeline
+    from simsiam.model import SimSiam
 
+    norm = lambda x: normalize(x, cfg.data)  # noqa: E731
     fit_stats: dict = {}
     test_stats: dict = {}  # rows skipped as bad (data.on_bad_image=skip), counted for the console
-    out = linear_eval_cached(
-        backbone,
-        data_pipeline.iter_eval_batches(ray.train.get_dataset_shard(fit), 256, device, stats=fit_stats),
-        data_pipeline.iter_eval_batches(ray.train.get_dataset_shard(test), 256, device, stats=test_stats),
-        num_classes, lambda x: normalize(x, cfg.data), cfg.eval.linear, cfg.train.seed, device)
-    return {"top1": out["top1"], "top5": out["top5"], "train_top1": out["train_top1"], "protocol": "cached",
-            "backbone_unchanged": True, "skipped": fit_stats.get("skipped", 0) + test_stats.get("skipped", 0)}
+    fit_batches = data_pipeline.iter_eval_batches(ray.train.get_dataset_shard(fit), 256, device, stats=fit_stats)
+    test_batches = data_pipeline.iter_eval_batches(ray.train.get_dataset_shard(test), 256, device, stats=test_stats)
+    if cfg.eval.baselines:  # read once, scored three ways (uint8: 3 KB per 32 px image)
+        fit_batches, test_batches = list(fit_batches), list(test_batches)
+    out = linear_eval_cached(backbone, fit_batches, test_batches, num_classes, norm, cfg.eval.linear,
+                             cfg.train.seed, device)
+    result = {"top1": out["top1"], "top5": out["top5"], "train_top1": out["train_top1"], "protocol": "cached",
+              "backbone_unchanged": True, "skipped": fit_stats.get("skipped", 0) + test_stats.get("skipped", 0)}
+    if cfg.eval.baselines:
+        # The pretraining run's own starting point: the same seed gives the same initial weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.train.seed)
+            random_backbone = SimSiam(cfg.model).backbone.to(device).eval().requires_grad_(False)
+        result["baselines"] = baseline_scores(random_backbone, fit_batches, test_batches, num_classes, norm,
+                                              cfg.eval.linear, cfg.train.seed, cfg.train.knn_k, cfg.train.knn_t,
+                                              device)
+    return result
 
 
 def _load_backbone(cfg: Config, checkpoint_path: str, device: torch.device) -> nn.Module:

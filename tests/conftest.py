@@ -43,7 +43,7 @@ def digits_cache(tmp_path_factory) -> str:
     from simsiam.data import resolve_paths
 
     cache = str(tmp_path_factory.mktemp("simsiam-cache"))
-    cfg = C.load("sample", {"data.cache_dir": cache})
+    cfg = C.load("sample", {"data.cache_dir": cache, "data.path": "builtin:digits"})
     resolve_paths(cfg.data)
     return cache
 
@@ -61,6 +61,10 @@ def tiny_config(cache_dir: str, **overrides) -> C.Config:
     """The sample preset shrunk so a Ray Train run takes seconds: small widths, few steps."""
     base = {
         "data.cache_dir": cache_dir,
+        # The digits at 16 px: the fastest data for runs that test the machinery, not the learning.
+        "data.path": "builtin:digits",
+        "data.image_size": 16,
+        "eval.baselines": False,
         "model.small_width": 16,
         "model.dim": 128,
         "model.pred_dim": 32,

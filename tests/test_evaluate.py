@@ -179,3 +179,67 @@ def test_knn_monitor_on_a_random_backbone():
     xte, yte = blob_images(60, 1)
     acc = knn_monitor(net, batches(xtr, ytr), batches(xte, yte), normalize, "cpu", k=20, t=0.1)
     assert 0.9 < acc <= 1.0
+
+
+def _digits_random_init_features():
+    """Features of the sample preset's backbone at random init on scikit-learn's digits (16 px, the
+    eval view): per-dimension std ~0.004, the scale the unstandardised protocol could not fit."""
+    import numpy as np
+
+    from simsiam import config as C
+    from simsiam.augment import normalize as normalize_for
+    from simsiam.augment.geometric import eval_transform
+    from simsiam.data.convert import digits_split
+    from simsiam.model import SimSiam
+
+    cfg = C.load("sample", {"data.path": "builtin:digits", "data.image_size": 16})
+    torch.manual_seed(0)
+    net = SimSiam(cfg.model).backbone
+    out = []
+    for images, labels, _ in digits_split().values():
+        x = torch.from_numpy(np.stack([eval_transform(np.repeat(i[..., None], 3, 2), 16, 1.0) for i in images]))
+        f, y = extract_features(net, batches(x, torch.from_numpy(labels), 256), lambda b: normalize_for(b, cfg.data),
+                                "cpu")
+        out += [f, y]
+    return cfg, out
+
+
+def test_cached_protocol_fits_random_init_features_like_standardised_logistic_regression():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    cfg, (tr, ytr, te, yte) = _digits_random_init_features()
+    assert tr.std(dim=0).mean() < 0.05  # tiny features: what made the old protocol unfair
+    scaler = StandardScaler().fit(tr.numpy())
+    reference = 100 * LogisticRegression(max_iter=2000).fit(scaler.transform(tr.numpy()), ytr.numpy()).score(
+        scaler.transform(te.numpy()), yte.numpy())
+    lin = cfg.eval.linear
+    ours = train_linear_cached(tr, ytr, te, yte, 10, lin, seed=0)
+    assert abs(ours["top1"] - reference) <= 2.0, (ours["top1"], reference)
+    # Fair to any scale: the same features x1000 score the same.
+    scaled = train_linear_cached(tr * 1000, ytr, te * 1000, yte, 10, lin, seed=0)
+    assert abs(scaled["top1"] - ours["top1"]) <= 1.0
+    # The folded classifier applies to the raw features and reproduces the score.
+    fc = nn.Linear(tr.shape[1], 10)
+    fc.load_state_dict(ours["classifier"])
+    with torch.no_grad():
+        assert (fc(te).argmax(1) == yte).float().mean().item() * 100 == pytest.approx(ours["top1"], abs=0.5)
+    # Without standardisation the same SGD cannot fit these features (the bug this protocol fixes).
+    raw = train_linear_cached(tr, ytr, te, yte, 10, LinearEvalConfig(**{**lin.__dict__, "standardize": False}), 0)
+    assert raw["top1"] < reference - 10
+
+
+def test_baselines_score_random_init_and_raw_pixels_under_the_same_protocol():
+    from simsiam.evaluate import baseline_scores, ssl_gain
+
+    xtr, ytr = blob_images(120, 0)
+    xte, yte = blob_images(60, 1)
+    net = convnet()
+    cfg = LinearEvalConfig(epochs=20, batch_size=32, optimizer="sgd", base_lr=0.1)
+    out = baseline_scores(net, batches(xtr, ytr), batches(xte, yte), 3, normalize, cfg, seed=0, knn_k=10, knn_t=0.1)
+    assert set(out) == {"random_init", "raw_pixels"}
+    for scores in out.values():
+        assert set(scores) == {"linear_top1", "knn_top1"}
+    # Colour decides the class: both baselines read it off (chance is 33%).
+    assert out["raw_pixels"]["linear_top1"] > 90 and out["random_init"]["linear_top1"] > 90
+    assert ssl_gain(95.0, {"a": {"linear_top1": 90.0}, "b": {"linear_top1": 80.0}}) == pytest.approx(5.0)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import ray
+import torch
 
 from simsiam import checkpoint as ckpt_io
 from simsiam.augment import normalize
 from simsiam.data import resolve_paths
 from simsiam.data.pipeline import eval_dataset, iter_eval_batches
-from simsiam.evaluate import linear_eval, linear_eval_cached
+from simsiam.evaluate import baseline_scores, linear_eval, linear_eval_cached
 from simsiam.model import SimSiam
 from simsiam.train import CHECKPOINT_FILE, pretrain
 from tests.conftest import tiny_config
@@ -35,7 +36,8 @@ def _epochs(res):
 
 
 def test_two_worker_ddp_keeps_replicas_identical(ray_local, digits_cache, tmp_path):
-    cfg = tiny_config(digits_cache, **{"train.num_workers": 2, "train.knn_every": 1, "run.name": "ddp"})
+    cfg = tiny_config(digits_cache, **{"train.num_workers": 2, "train.knn_every": 1, "run.name": "ddp",
+                                       "eval.baselines": True})
     train_path, eval_path = _paths(cfg)
     res = pretrain(cfg, train_path, eval_path, str(tmp_path), linear_fit_path=train_path)
     assert res.status == "finished", res.reason
@@ -64,6 +66,16 @@ def test_two_worker_ddp_keeps_replicas_identical(ray_local, digits_cache, tmp_pa
     assert res.linear["top1"] == pytest.approx(alone["top1"], abs=1e-6)
     assert res.linear["top5"] == pytest.approx(alone["top5"], abs=1e-6)
     assert 0.0 < alone["top1"] <= 100.0
+    # The baselines in the run: the same network at its seed's initial weights, and the raw pixels,
+    # scored exactly as baseline_scores does on its own.
+    torch.manual_seed(cfg.train.seed)
+    fresh = SimSiam(cfg.model).backbone.eval()
+    fit, test = (list(iter_eval_batches(eval_dataset(cfg.data, p), 256)) for p in (train_path, eval_path))
+    expect = baseline_scores(fresh, fit, test, 10, lambda x: normalize(x, cfg.data), cfg.eval.linear, cfg.train.seed,
+                             cfg.train.knn_k, cfg.train.knn_t)
+    for name in ("random_init", "raw_pixels"):
+        for key in ("linear_top1", "knn_top1"):
+            assert res.linear["baselines"][name][key] == pytest.approx(expect[name][key], abs=1e-6)
     # The paper's full protocol (a fresh crop of every image each epoch, DDP over the classifier alone)
     # runs as its own 2-worker Ray Train run on the same checkpoint.
     full_cfg = cfg.replace({"eval.linear.protocol": "full", "eval.linear.num_workers": 2, "eval.linear.epochs": 2})
