@@ -96,11 +96,12 @@ def clusters(n_per, dim, classes, seed, spread=0.5):
     return centers[y] + spread * torch.randn(len(y), dim, generator=g), y
 
 
-@pytest.mark.parametrize("optimizer, base_lr", [("lars", 4.0), ("sgd", 0.5)])
-def test_train_linear_cached_learns_separable_features(optimizer, base_lr):
+# LARS as the paper uses it (apex LARC) on raw features; SGD on standardised ones, as the sample preset.
+@pytest.mark.parametrize("optimizer, base_lr, standardize", [("lars", 4.0, False), ("sgd", 0.5, True)])
+def test_train_linear_cached_learns_separable_features(optimizer, base_lr, standardize):
     tr, ytr = clusters(60, 32, 6, seed=1)
     te, yte = clusters(20, 32, 6, seed=2)
-    cfg = LinearEvalConfig(epochs=30, batch_size=64, optimizer=optimizer, base_lr=base_lr)
+    cfg = LinearEvalConfig(epochs=30, batch_size=64, optimizer=optimizer, base_lr=base_lr, standardize=standardize)
     out = train_linear_cached(tr, ytr, te, yte, num_classes=6, cfg=cfg, seed=0)
     assert out["top1"] > 95.0 and out["top5"] == 100.0 and out["train_top1"] > 95.0
     assert out["lr"] == pytest.approx(base_lr * 64 / 256)
