@@ -91,8 +91,8 @@ class OptimConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f("builtin:shapes", "training shards: a directory or URI of Parquet shards, or a built-in set: "
-                                     "builtin:shapes, builtin:digits")
+    path: str = _f("builtin:digits", "training shards: a directory or URI of Parquet shards, or a built-in set: "
+                                     "builtin:digits, builtin:shapes")
     eval_path: str = _f("", "held-out shards for kNN/linear test; empty = the builtin's test split")
     image_size: int = _f(224, "crop size fed to the network", ge=8)
     eval_resize: float = _f(256 / 224, "eval: resize the short side to image_size x this, then centre-crop", ge=1.0)

@@ -166,6 +166,36 @@ def test_builtin_digits_fixed_stratified_split(tmp_path):
     assert sum(counts.values()) == 1437 and min(counts.values()) >= 139  # stratified: ~144 per class
 
 
+def test_builtin_shapes_is_deterministic_balanced_and_converts(tmp_path, capsys):
+    from simsiam.data import shapes
+
+    small = {"train": 40, "test": 20}
+    a, b = shapes.shapes_split(0, small), shapes.shapes_split(0, small)
+    for split, n in small.items():
+        images, labels = a[split]
+        assert images.shape == (n, 32, 32, 3) and images.dtype == np.uint8
+        assert np.array_equal(images, b[split][0]) and np.array_equal(labels, b[split][1])
+        assert np.bincount(labels, minlength=10).tolist() == [n // 10] * 10
+    assert not np.array_equal(a["train"][0][:20], a["test"][0])
+    assert not np.array_equal(shapes.shapes_split(1, small)["train"][0], a["train"][0])
+    # The test split does not depend on the train split's size.
+    assert np.array_equal(shapes.shapes_split(0, {"train": 10, "test": 20})["test"][0], a["test"][0])
+    # Colour is a nuisance: the mean colour of a class is about that of the others.
+    x, y = shapes.shapes_split(0, {"train": 500, "test": 0})["train"]
+    means = np.stack([x[y == c].reshape(-1, 3).mean(0) for c in range(10)])
+    assert np.ptp(means, axis=0).max() < 50  # 0..255 scale; measured 33
+    assert data_main(["convert", "--builtin", "shapes", str(tmp_path / "s"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"{shapes.SPLITS['train']} rows" in out and f"{shapes.SPLITS['test']} rows" in out
+    meta = read_metadata(str(tmp_path / "s" / "train"))
+    assert meta["class_names"] == list(shapes.CLASSES)
+    rows = read_rows(tmp_path / "s" / "test")
+    first = rows["shapes/test/000000"]
+    assert (first["height"], first["width"], first["channels"]) == (32, 32, 3)
+    full = shapes.shapes_split(0, {"train": 0, "test": shapes.SPLITS["test"]})["test"]
+    assert np.array_equal(first["pixels"], full[0][0]) and first["label"] == full[1][0]
+
+
 def test_parallel_workers_write_the_same_shards(tmp_path):
     np.savez(tmp_path / "a.npz", images=rand_images(300, 16), labels=np.arange(300) % 7)
     convert(tmp_path / "a.npz", tmp_path / "one", shard_rows=50, workers=1)

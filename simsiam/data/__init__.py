@@ -26,7 +26,7 @@ from simsiam.data.schema import (
 __all__ = ["DataError", "resolve_paths", "builtin_dir", "read_metadata", "BUILTINS"]
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("digits",)
+BUILTINS = ("shapes", "digits")  # see simsiam.data.convert.BUILTIN_SOURCES
 
 
 def _cache_root(data_cfg: DataConfig) -> Path:
@@ -85,14 +85,14 @@ def _resolve_one(path: str, data_cfg: DataConfig, what: str, split: str) -> str:
 def resolve_paths(data_cfg: DataConfig) -> tuple[str, str]:
     """(train path, eval path) for a data config, converting a built-in set on first use.
 
-    ``data.path`` is a directory or URI of shards, or ``builtin:digits``; ``data.eval_path`` defaults
+    ``data.path`` is a directory or URI of shards, or ``builtin:shapes``; ``data.eval_path`` defaults
     to the built-in set's test split. A built-in set lives in a node-local cache; on a multi-node
     cluster the pipeline reads it on the driver (it is small) instead of in remote tasks. Raises
     :class:`DataError` naming a missing or empty path, :class:`ConfigError` when no eval path exists.
     """
     path = (data_cfg.path or "").strip()
     if not path:
-        raise DataError("data.path is empty: give a directory (or URI) of Parquet shards, or builtin:digits")
+        raise DataError("data.path is empty: give a directory (or URI) of Parquet shards, or builtin:shapes")
     train = _resolve_one(path, data_cfg, "data.path", "train")
     if data_cfg.eval_path.strip():
         eval_path = _resolve_one(data_cfg.eval_path, data_cfg, "data.eval_path", "test")

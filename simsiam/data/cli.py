@@ -3,7 +3,7 @@
   simsiam data convert SRC DEST            image folder (one sub-folder per class, or flat) or .npz
   simsiam data convert cifar-10-batches-py DEST   CIFAR-10/100 python folders -> DEST/train, DEST/test
   simsiam data convert imagenet/ DEST      train/ + val/ (class folders, or flat + labels file)
-  simsiam data convert --builtin digits DEST
+  simsiam data convert --builtin shapes DEST   (or digits)
   simsiam data inspect PATH [--out DIR]    schema, counts, shards, repeated ids, sample and pair grids
   simsiam data inspect PATH --full         also decode every row; exit 1 unless the set is clean
 """
@@ -15,6 +15,7 @@ import os
 import sys
 
 from simsiam.config import ConfigError, DataConfig
+from simsiam.data import BUILTINS
 from simsiam.data.schema import DataError
 
 
@@ -96,7 +97,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "python folder (cifar-10-batches-py, cifar-100-python: fine labels) or a folder with "
                         "train/ and val/, then the output directory; .npz with x_train/x_test, CIFAR and the "
                         "digits write DEST/train and DEST/test, train/val folders DEST/train and DEST/val")
-    c.add_argument("--builtin", choices=("digits",), help="convert a built-in set instead of SRC")
+    c.add_argument("--builtin", choices=BUILTINS,
+                   help="convert a built-in set instead of SRC: shapes (10 shape classes at 32 px, colour, position "
+                        "and clutter as nuisances; the sample preset's) or digits (scikit-learn's 8x8 digits)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DEST")
     c.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: ~64 MiB shards, >= 16)")
     c.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")

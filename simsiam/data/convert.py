@@ -1,4 +1,4 @@
-"""Convert image folders, .npz arrays and the built-in digits into Parquet shards (see schema.py).
+"""Convert image folders, .npz arrays and the built-in sets (shapes, digits) into Parquet shards (see schema.py).
 
 Rules every conversion follows:
 
@@ -290,6 +290,20 @@ def digits_split() -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
             "test": (images[te], d.target[te].astype(np.int64), te)}
 
 
+def _shapes_sources() -> dict[str | None, _Source]:
+    from simsiam.data import shapes
+
+    out = {}
+    for split, (images, labels) in shapes.shapes_split().items():
+        fp = {"type": "builtin", "name": "shapes", "split": split, "version": shapes.VERSION, "seed": 0}
+        out[split] = _array_source(images, labels, list(shapes.CLASSES), fp, f"shapes/{split}", f"shapes[{split}]")
+    return out
+
+
+# The built-in sets: name -> sources of its train and test splits (``--builtin NAME``, ``builtin:NAME``).
+BUILTIN_SOURCES: dict[str, Callable[[], dict[str | None, _Source]]] = {}
+
+
 def _digits_sources() -> dict[str | None, _Source]:
     import sklearn
 
@@ -299,6 +313,9 @@ def _digits_sources() -> dict[str | None, _Source]:
         out[split] = _array_source(images, labels, [str(i) for i in range(10)], fp, f"digits/{split}",
                                    f"digits[{split}]")
     return out
+
+
+BUILTIN_SOURCES.update(shapes=_shapes_sources, digits=_digits_sources)
 
 
 # --------------------------------------------------------------------------- building one shard
@@ -629,12 +646,12 @@ def convert(src: str | os.PathLike | None, dest: str | os.PathLike, *, builtin: 
 
     dest = sio.absolute(dest)
     if builtin is not None:
-        if builtin != "digits":
-            raise DataError(f"--builtin {builtin!r}: unknown; available: digits")
-        sources = _digits_sources()
+        if builtin not in BUILTIN_SOURCES:
+            raise DataError(f"--builtin {builtin!r}: unknown; available: {', '.join(BUILTIN_SOURCES)}")
+        sources = BUILTIN_SOURCES[builtin]()
     else:
         if src is None or not str(src).strip():
-            raise DataError("SRC is empty: give an image folder or a .npz file (or --builtin digits)")
+            raise DataError("SRC is empty: give an image folder or a .npz file (or --builtin shapes|digits)")
         src = Path(src)
         if not src.exists():
             raise DataError(f"SRC {src}: does not exist")

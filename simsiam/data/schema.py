@@ -177,7 +177,7 @@ def list_shards(path: str, what: str = "data.path") -> list[str]:
     ``what`` names the setting the path came from, for the error message.
     """
     if not path or not str(path).strip():
-        raise DataError(f"{what} is empty: give a directory (or URI) of Parquet shards, or builtin:digits")
+        raise DataError(f"{what} is empty: give a directory (or URI) of Parquet shards, or builtin:shapes")
     path = absolute(path)
     fs, inner = filesystem(path)
     info = fs.get_file_info(inner)
