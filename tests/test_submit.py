@@ -307,3 +307,9 @@ def test_ray_job_submit_runs_the_sample_pipeline_and_writes_results(head, tmp_pa
     results = json.loads((out_dir / "results.json").read_text())
     assert results["status"] == "finished", results
     assert results["epochs_completed"] == 1
+    # Every cached-protocol result carries its baselines (same data, same protocol) and the gain over them.
+    base = results["baselines"]
+    assert {k: set(v) for k, v in base.items()} == {"random_init": {"linear_top1", "knn_top1"},
+                                                      "raw_pixels": {"linear_top1", "knn_top1"}}
+    assert results["ssl_gain"] == pytest.approx(results["linear_top1"] - max(v["linear_top1"] for v in base.values()))
+    assert "points from self-supervision" in r.stdout  # the run's last line (Ray's job status follows it)
