@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import glob
 import io
 import json
+import os
+import re
+import tempfile
 import threading
 import time
 
@@ -20,7 +24,8 @@ from simsiam.data.cli import main as data_main
 from simsiam.data.schema import METADATA_FILE, PLAN_FILE
 from tests.conftest import tiny_config
 
-OUTAGE_S = 8.0  # pyarrow's S3 client gives up on one request after ~3 s without a byte
+CHECKPOINT_DIR = re.compile(r"checkpoint_\d{4}-\d\d-\d\d_[\d.-]+")  # Ray's name for a checkpoint directory
+OUTAGE_S = 8.0  # pyarrow's S3 client gives up on a request after ~3 s without a byte; it retries for ~100 s
 
 
 def cli(fn, argv: list[str]) -> tuple[int, str, str]:
@@ -69,26 +74,39 @@ def test_convert_and_inspect_on_s3(s3, s3_digits, tmp_path):
 
 
 class Outage:
-    """Pauses the endpoint for OUTAGE_S once the run's first checkpoint is on it (so the next epoch's
-    checkpoint upload meets a dead endpoint), then resumes it."""
+    """Once the run's first checkpoint is on the endpoint, waits for the worker to stage its next one
+    (train.py writes each checkpoint to a ``simsiam-ckpt-*`` temp directory, hands it to Ray's background
+    upload, and Ray deletes the directory once uploaded) and pauses the endpoint at that moment, for
+    OUTAGE_S (more than one request timeout). ``upload_cut`` says the staged checkpoint was still not
+    uploaded when the endpoint came back: its upload met the outage."""
 
     def __init__(self, s3, storage: str):
         self.s3, self.storage = s3, storage
         self.started = self.ended = None
+        self.upload_cut = False
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._watch, daemon=True)
         self.thread.start()
 
+    @staticmethod
+    def _staged() -> set[str]:
+        return set(glob.glob(os.path.join(tempfile.gettempdir(), "simsiam-ckpt-*")))
+
     def _watch(self) -> None:
+        while not self.stop.is_set() and not any(CHECKPOINT_DIR.search(k) for k in self.s3.keys_of(self.storage)):
+            time.sleep(0.1)
+        seen = self._staged()
         while not self.stop.is_set():
-            if any("/checkpoint_" in k for k in self.s3.keys_of(self.storage)):
+            new = self._staged() - seen
+            if new:
                 self.s3.pause()
                 self.started, self.started_wall = time.monotonic(), time.time()
                 time.sleep(OUTAGE_S)
+                self.upload_cut = bool(new & self._staged())
                 self.s3.resume()
                 self.ended, self.ended_wall = time.monotonic(), time.time()
                 return
-            time.sleep(0.1)
+            time.sleep(0.02)
 
     def join(self) -> None:
         self.stop.set()
@@ -103,8 +121,10 @@ def test_run_with_data_checkpoints_and_results_on_s3_rides_out_an_outage(s3, s3_
     from pipelines.pretrain_eval import run
 
     storage = s3.create_bucket("object-storage-runs") + "/ray"
+    # A wide projector makes the checkpoint ~90 MB, so its upload takes long enough to be cut.
     cfg = tiny_config(digits_cache, **{"data.path": s3_digits + "/train", "data.eval_path": s3_digits + "/test",
-                                       "run.storage_path": storage, "run.name": "s3run", "train.epochs": 3})
+                                       "run.storage_path": storage, "run.name": "s3run", "train.epochs": 3,
+                                       "model.dim": 2048, "model.pred_dim": 512})
     outage = Outage(s3, storage)
     t0 = time.monotonic()
     try:
@@ -113,6 +133,7 @@ def test_run_with_data_checkpoints_and_results_on_s3_rides_out_an_outage(s3, s3_
         outage.join()
     wall = time.monotonic() - t0
     assert outage.started is not None and outage.ended is not None, "the endpoint was never paused"
+    assert outage.upload_cut, "no checkpoint upload met the outage"
     assert outage.ended - t0 < wall  # the outage happened during the run
     assert res["status"] == "finished", res["reason"]
     assert res["epochs_completed"] == 3
@@ -121,16 +142,18 @@ def test_run_with_data_checkpoints_and_results_on_s3_rides_out_an_outage(s3, s3_
     assert res["linear_top1"] is not None
 
     keys = s3.keys_of(storage + "/s3run")
-    ckpt_dirs = {k.split("/")[3] for k in keys if k.split("/")[3:4] and k.split("/")[3].startswith("checkpoint_")}
-    for d in ckpt_dirs:  # no half-written checkpoint directory
+    # keys: ray/s3run/<entry>/...; the newest train.keep_checkpoints of one per epoch, each one whole
+    ckpt_dirs = {k.split("/")[2] for k in keys if CHECKPOINT_DIR.fullmatch(k.split("/")[2])}
+    assert len(ckpt_dirs) == cfg.train.keep_checkpoints == 2, sorted(ckpt_dirs)
+    for d in ckpt_dirs:
         assert f"ray/s3run/{d}/checkpoint.pt" in keys, (d, keys)
     assert "ray/s3run/results.json" in keys
     assert any("/tensorboard/" in k and "tfevents" in k for k in keys), keys
     # Ray names a checkpoint directory by the time its report began: one began after the endpoint stopped.
     started = [datetime.datetime.strptime(d[len("checkpoint_"):], "%Y-%m-%d_%H-%M-%S.%f").timestamp()
                for d in ckpt_dirs]
-    assert max(started) > outage.started_wall
     during = [round(t - outage.started_wall, 1) for t in started if outage.started_wall <= t <= outage.ended_wall]
+    assert during, "no checkpoint report began while the endpoint was down"
     print(f"outage {outage.ended - outage.started:.1f} s during a {wall:.1f} s run; checkpoint reports begun "
           f"during it at +{during} s")
 

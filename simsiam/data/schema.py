@@ -180,12 +180,16 @@ def list_shards(path: str, what: str = "data.path") -> list[str]:
         raise DataError(f"{what} is empty: give a directory (or URI) of Parquet shards, or builtin:shapes")
     path = absolute(path)
     fs, inner = filesystem(path)
-    info = fs.get_file_info(inner)
+    try:
+        info = fs.get_file_info(inner)
+        files = (fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+                 if info.type == pafs.FileType.Directory else [])
+    except OSError as e:  # unreachable store, missing or wrong credentials: say which and where
+        raise DataError(f"{what}: {sio.describe_error(path, e)}") from None
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{what}: {path} does not exist")
     if info.type == pafs.FileType.File:
         return read_shard_list(path, what) if is_shard_list(path) else [path]
-    files = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
     prefix = path.rstrip("/")
     shards = sorted(prefix + "/" + posixpath.basename(f.path) for f in files
                     if f.type == pafs.FileType.File and _is_shard(f.path))
