@@ -443,9 +443,11 @@ def test_asha_stops_weak_trials_and_their_torchtrainers_release_everything(ray_l
     assert by[0.01].user_attrs["tune_trial_dir"] == str(exp.resolve() / by_lr[0.01].trial_id)
     assert by[0.01].intermediate_values == {1: pytest.approx(1.0)}
     # The stopped trial's TensorBoard, read with TensorBoard's own reader, has the epoch it reported
-    # just before Tune stopped it (an asynchronous writer lost it: the actor died with its queue).
-    for lr_, epochs in ((0.01, [1]), (0.5, [1, 2, 3])):
-        assert _tensorboard_steps(tmp_path / "runs" / by_lr[lr_].trial_id / "tensorboard", "epoch/knn_top1") == epochs
+    # just before Tune stopped it (an asynchronous writer could lose it: the actor died with its queue).
+    # It may also hold the next epoch, logged before the stop reached the worker and never reported.
+    for lr_, reported in ((0.01, {1}), (0.5, {1, 2, 3})):
+        logged = _tensorboard_steps(tmp_path / "runs" / by_lr[lr_].trial_id / "tensorboard", "epoch/knn_top1")
+        assert reported <= set(logged), (lr_, logged)
 
 
 @pytest.mark.slow
