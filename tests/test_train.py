@@ -166,3 +166,32 @@ def test_rerun_resumes_from_latest_checkpoint(ray_local, digits_cache, tmp_path)
     assert again.history[: len(done_before)] == first.history
     assert [h["step"] for h in again.history] == [h["step"] for h in ref.history]
     assert [h["lr"] for h in again.history] == pytest.approx([h["lr"] for h in ref.history])
+
+
+def test_tensorboard_epochs_survive_a_killed_worker(tmp_path):
+    """A Tune-stopped trial's worker is killed right after its report: every epoch synced before must be
+    on disk, read back with tensorboard's EventAccumulator. (tensorboardX's SummaryWriter + flush() lost
+    all three epochs here: its flush does not drain the queue of its writer thread.)"""
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    code = f"""
+import os, signal, types
+import pyarrow.fs as pafs
+from simsiam.train import TensorBoardSync
+storage = types.SimpleNamespace(experiment_fs_path={str(tmp_path)!r}, storage_filesystem=pafs.LocalFileSystem())
+tb = TensorBoardSync(storage)
+for epoch in (1, 2, 3):
+    tb.scalars({{"epoch/loss": -0.1 * epoch, "epoch/knn_top1": None}}, epoch)
+    tb.sync()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == -9
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, round(e.value, 4)) for e in acc.Scalars("epoch/loss")] == [(1, -0.1), (2, -0.2), (3, -0.3)]
+    assert "epoch/knn_top1" not in acc.Tags()["scalars"]
