@@ -108,11 +108,12 @@ class DataConfig:
     shuffle_buffer: int = _f(1024, "rows in the seeded local shuffle buffer on each worker (0 = off)", ge=0)
     prefetch_batches: int = _f(2, "batches each train worker prefetches ahead of the step (Ray Data's "
                                   "iter_torch_batches prefetch_batches; benchmarks/gpu_e2e.py measures depths)", ge=0)
-    decode: str = _f("auto", "where training images are decoded and cropped: cpu (in Ray Data tasks, PIL), gpu "
-                             "(JPEG bytes + crop boxes travel; the train worker decodes a batch on its device with "
-                             "torchvision's decode_jpeg, nvjpeg on CUDA, and crops there; JPEG data only), auto "
-                             "(gpu when train.use_gpu and the shards hold JPEG, else cpu). gpu on CPU-only workers "
-                             "decodes there, much slower than cpu: for tests",
+    # cpu stays the default until the device path has been measured on CUDA (benchmarks/gpu_e2e.py).
+    decode: str = _f("cpu", "where training images are decoded and cropped: cpu (in Ray Data tasks, PIL), gpu "
+                            "(JPEG bytes + crop boxes travel; the train worker decodes a batch on its device with "
+                            "torchvision's decode_jpeg, nvjpeg on CUDA, and crops there; JPEG data only), auto "
+                            "(gpu when train.use_gpu and the shards hold JPEG, else cpu). gpu on CPU-only workers "
+                            "decodes there, much slower than cpu: for tests",
                      choices=("auto", "cpu", "gpu"))
     data_cpus: float = _f(0.0, "CPU cap for Ray Data tasks (0 = Ray's default)", ge=0.0)
     cache_dir: str = _f("", "where builtin sets are converted; empty = ~/.cache/simsiam")

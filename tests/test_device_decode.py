@@ -140,7 +140,7 @@ def test_decode_mode_resolution(tmp_path):
 
 
 def test_decode_config_field():
-    assert C.load("sample").data.decode == "auto"
+    assert C.load("sample").data.decode == "cpu"
     assert C.load("sample", {"data.decode": "gpu"}).data.decode == "gpu"
     with pytest.raises(ConfigError, match=r"data.decode: 'nvjpeg' is not allowed; choose one of auto, cpu, gpu"):
         C.load("sample", {"data.decode": "nvjpeg"})
