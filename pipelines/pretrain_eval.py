@@ -74,13 +74,13 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
         where = console.log_exception(e)
         results.update(status="failed", reason=f"{console.one_line(e)} (traceback in {where})")
     results["wall_s"] = round(time.time() - t0, 2)
-    atomic_write_json(out_dir / "results.json", results)
     try:
         from simsiam.run_summary import FILE, plot_run_summary
 
         results["run_summary"] = plot_run_summary(results, out_dir / FILE)
     except Exception as e:  # noqa: BLE001 - a picture that cannot be drawn does not fail the run
         console.warn(f"run_summary.png not drawn: {type(e).__name__}: {e} (traceback in {console.log_exception(e)})")
+    atomic_write_json(out_dir / "results.json", results)
     storage = cfg.run.storage_path or str(out_dir / "ray")
     if sio.is_uri(storage) and results.get("run_path"):
         # On a cluster the out-dir is the head's local disk (gone with a KubeRay pod): keep a copy by the run.
@@ -158,6 +158,29 @@ def _run(cfg: C.Config, out_dir: Path, address: str | None, results: dict) -> No
         except Exception as e:  # noqa: BLE001 - a failed evaluation is recorded, the pretraining result kept
             console.log_exception(e)
             results.update(status="failed", reason=f"linear evaluation failed: {console.one_line(e)}")
+    if results["skipped_images"] or (results.get("linear_eval") or {}).get("skipped"):
+        results["skipped_rows"] = list_skipped_rows({"data.path": data.train_path, "data.eval_path": data.eval_path},
+                                                    cfg.data.max_pixels, out_dir / SKIPPED_ROWS_FILE)
+        console.say(f"skipped rows, by shard and row id: {results['skipped_rows']}")
+
+
+SKIPPED_ROWS_FILE = "skipped_rows.json"
+
+
+def list_skipped_rows(paths: dict[str, str | None], max_pixels: int, out: Path) -> str:
+    """Write every row that ``data.on_bad_image=skip`` drops, by shard, row and id, to ``out``.
+
+    Whether a row is skipped depends on its bytes alone (the decoder and ``max_pixels``), never on the
+    epoch or the worker, so the rows training and evaluation skipped are exactly those a full decode of
+    each dataset refuses: found once here, after the run, instead of threading ids through every batch."""
+    from simsiam.data.inspect import check_rows
+
+    listing: dict[str, dict] = {}
+    for setting, path in paths.items():
+        if path and path not in {v["path"] for v in listing.values()}:
+            listing[setting] = {"path": path, **check_rows(path, max_pixels).to_dict()}
+    atomic_write_json(out, listing)
+    return str(out)
 
 
 def _final_lines(res: dict, out_dir: Path, verbose: bool = False) -> None:

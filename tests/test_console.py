@@ -114,6 +114,27 @@ def test_run_with_bad_data_fails_in_seconds_with_results_json_and_no_traceback(t
     assert res["status"] == "failed" and "optim.base_lr" in res["reason"]
 
 
+def test_skipped_rows_are_listed_by_shard_and_id_for_training_and_evaluation(tmp_path):
+    from pipelines.pretrain_eval import list_skipped_rows
+
+    train, held = tmp_path / "train", tmp_path / "held"
+    _good(train)
+    _good(held, prefix="h")
+    for d, bad_id in ((train, "t-bad"), (held, "h-bad")):
+        cols = {"image": [b"not an image"], "label": [0], "id": [bad_id], "height": [None], "width": [None],
+                "channels": [None]}
+        pq.write_table(pa.Table.from_pydict(cols, schema=SCHEMA), d / "part-00001.parquet")
+    out = tmp_path / "skipped_rows.json"
+    assert list_skipped_rows({"data.path": str(train), "data.eval_path": str(held)}, 10_000, out) == str(out)
+    listing = json.loads(out.read_text())
+    assert {k: (v["bad_count"], [(b["row"], b["id"]) for b in v["bad"]]) for k, v in listing.items()} == {
+        "data.path": (1, [(0, "t-bad")]), "data.eval_path": (1, [(0, "h-bad")])}
+    assert listing["data.path"]["bad"][0]["shard"].endswith("train/part-00001.parquet")
+    # The same dataset for both is listed once.
+    list_skipped_rows({"data.path": str(train), "data.eval_path": str(train)}, 10_000, out)
+    assert list(json.loads(out.read_text())) == ["data.path"]
+
+
 # --------------------------------------------------------------------------- console and log
 
 
