@@ -278,7 +278,8 @@ def test_sample_pipeline_console_is_ours(digits_cache, tmp_path):
     # The README's sample output, line by line (up to each line's first ':'), in its order; epochs apart.
     readme = (ROOT / "README.md").read_text().split("```\n[simsiam] run 'sample'", 1)[1].split("```", 1)[0]
     readme_lines = ["[simsiam] run 'sample'" + readme.splitlines()[0]] + readme.splitlines()[1:]
-    expected = [ln.split(":", 1)[0] if ":" in ln else " ".join(ln.split()[:3])
+    # Measured figures before the first ':' (the last line's "top-1 90.6% vs ...") differ from run to run.
+    expected = [re.split(r"\d+\.\d", ln.split(":", 1)[0])[0] if ":" in ln else " ".join(ln.split()[:3])
                 for ln in readme_lines if ln.startswith("[simsiam] ") and not ln.startswith("[simsiam] epoch ")]
     assert len(expected) >= 10, readme
     expected.insert(expected.index("[simsiam] linear evaluation (cached, in this run)"), "[simsiam] epoch 2/2 loss ")
