@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from simsiam import config as C
+from simsiam import io as sio
 from simsiam import search as S
 from simsiam.io import atomic_write_json
 
@@ -120,7 +121,16 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
     spec = {"config": base.to_dict(), "space": space.to_dict(), "trials": trials, "seed": seed,
             "grace_epochs": grace, "reduction_factor": reduction_factor}
     S.claim_out_dir(out, "search.json", spec)
-    exp = out / S.EXPERIMENT
+    # With run.storage_path, the Tune experiment (trials, checkpoints, searcher snapshots) and a published
+    # copy of the Optuna journal live there, keyed by the run name, so a driver on another machine (any
+    # --out-dir) resumes the search from object storage alone. The journal itself is worked on locally.
+    storage = cfg.run.storage_path.strip()
+    root = sio.join(sio.absolute(storage), f"search-{base.run.name}") if storage else str(out)
+    if storage:
+        S.claim_out_dir(root, "search.json", spec)
+    exp, journal = out / S.EXPERIMENT, out / S.EXPERIMENT / S.STUDY_FILE
+    tune_exp = sio.join(root, S.EXPERIMENT)
+    journal_copy = sio.join(tune_exp, S.STUDY_FILE) if storage else ""
     data = preflight(cfg.data)  # bad data fails here, before any Ray process starts
     for w in data.warnings:
         console.warn(w)
@@ -139,11 +149,15 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
     console.say(f"search: {trials} trials over {', '.join(space.names)} on {where}; {concurrency} at a time; "
                 f"out {out}")
 
-    if not ray.tune.Tuner.can_restore(str(exp)):
+    exp.mkdir(parents=True, exist_ok=True)
+    if not ray.tune.Tuner.can_restore(tune_exp):
         # A driver killed before Tune's first experiment snapshot leaves an Optuna study no Tune
         # experiment knows about; starting afresh, its asked-but-orphaned trials would only mislead TPE.
-        (exp / S.STUDY_FILE).unlink(missing_ok=True)
-    exp.mkdir(parents=True, exist_ok=True)
+        journal.unlink(missing_ok=True)
+        if journal_copy:
+            sio.remove(journal_copy)
+    elif journal_copy and S.fetch_journal(journal_copy, journal):
+        console.say(f"resuming the search from {tune_exp}: Optuna journal fetched from {journal_copy}")
 
     scheduler = make_scheduler(cfg.train.epochs, grace, reduction_factor)
     rungs = asha_rungs(scheduler)
@@ -154,22 +168,29 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
 
     def tune_config():
         return ray.tune.TuneConfig(
-            search_alg=S.make_searcher(space, exp, seed, cfg.train.epochs),
+            search_alg=S.make_searcher(space, tune_exp, seed, cfg.train.epochs, journal_dir=exp,
+                                       journal_copy=journal_copy),
             scheduler=scheduler,
             num_samples=trials, max_concurrent_trials=concurrency, trial_dirname_creator=S.trial_dirname)
 
-    trainable = S.make_trainable(cfg, train_path, eval_path, str(exp / "runs"))
+    trainable = S.make_trainable(cfg, train_path, eval_path, sio.join(tune_exp, "runs"))
     lines = TrialLines(cfg.train.epochs, lambda m, err: S.classify(m, err, cfg.train.epochs), space.names, trials)
-    grid, resumed = S.fit(out, trainable, tune_config, strict_metrics=False, callbacks=[lines])
+    with S._env(**{S.JOURNAL_ENV: str(journal)}):  # where a restored searcher finds the study (tune_plugins)
+        grid, resumed = S.fit(root, trainable, tune_config, strict_metrics=False, callbacks=[lines])
     records = S.collect_results(grid, cfg.train.epochs)
     release = S.wait_for_release(total)
-    return write_outputs(base, space, records, out, exp, resumed, release, time.time() - t0, asha)
+    summary = write_outputs(base, space, records, out, exp, resumed, release, time.time() - t0, asha, tune_exp)
+    if journal_copy:  # with the orphaned trials failed by write_outputs
+        S.publish_journal(journal, journal_copy)
+    return summary
 
 
 def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRecord], out: Path, exp: Path,
-                  resumed: bool, release: dict, wall_s: float, asha: dict | None = None) -> dict:
+                  resumed: bool, release: dict, wall_s: float, asha: dict | None = None,
+                  experiment: str | None = None) -> dict:
     """trials.csv (each Tune trial with its Optuna trial number and directory), the console table,
-    best.yaml, plots and summary.json."""
+    best.yaml, plots and summary.json. ``exp``: the local directory holding the Optuna journal;
+    ``experiment``: where the Tune experiment lives (default ``exp``; a URI with run.storage_path)."""
     from simsiam import console
 
     try:
@@ -212,7 +233,7 @@ def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRec
         "wall_s": round(wall_s, 2),
         "table": str(out / "trials.csv"),
         "best_config": str(out / "best.yaml") if best is not None else None,
-        "experiment": str(exp),
+        "experiment": str(experiment or exp),
     }
     atomic_write_json(out / "summary.json", summary)
     return summary

@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from simsiam import config as C
+from simsiam import io as sio
 from simsiam.io import atomic_write_bytes, atomic_write_text
 
 STATUSES = ("finished", "stopped_early", "collapsed", "collapsing", "diverged", "failed")
@@ -52,6 +53,9 @@ TRIAL_CPU = 0.25
 RESERVED = ("run.name", "run.storage_path")
 STUDY_NAME = "simsiam-search"
 STUDY_FILE = "optuna_journal.log"
+# The driver's local working copy of the journal, for a searcher restored from a snapshot taken on
+# another machine (or in another --out-dir): set by the search around Tune's fit.
+JOURNAL_ENV = "SIMSIAM_STUDY_JOURNAL"
 
 
 def __getattr__(name: str) -> Any:
@@ -812,19 +816,40 @@ def optuna_numbers(study: Any) -> dict[str, int]:
     return {tid: t.number for tid, t in out.items()}
 
 
-def make_searcher(space: SearchSpace, experiment_dir: str | os.PathLike, seed: int, epochs: int) -> Any:
+def publish_journal(journal: str | os.PathLike, copy: str) -> None:
+    """Upload the local journal ``journal`` to ``copy`` (an object-store URI) in one atomic write. The
+    journal is append-only and Optuna locks it with local files, so the driver works on a local copy
+    and publishes it whole: a reader (or a driver resuming on another machine) sees a complete journal."""
+    atomic_write_bytes(copy, Path(journal).read_bytes())
+
+
+def fetch_journal(copy: str, journal: str | os.PathLike) -> bool:
+    """Download the published journal ``copy`` to ``journal`` when that local copy is missing (a new
+    machine or --out-dir resuming a search); True if it did."""
+    if Path(journal).exists() or not sio.exists(copy):
+        return False
+    atomic_write_bytes(journal, sio.read_bytes(copy))
+    return True
+
+
+def make_searcher(space: SearchSpace, experiment_dir: str | os.PathLike, seed: int, epochs: int,
+                  journal_dir: str | os.PathLike | None = None, journal_copy: str = "") -> Any:
     """A :class:`simsiam.tune_plugins.LinkedOptunaSearch` with a seeded TPE sampler over ``space``; its
-    study lives in the experiment directory (see :func:`study_storage`), so a restored search continues
-    the same study. ``epochs``: the trials' pretraining epochs (to tell a stopped trial's status)."""
+    study lives in the local ``journal_dir`` (default: ``experiment_dir``; see :func:`study_storage`),
+    so a restored search continues the same study; with ``journal_copy`` (a URI), the searcher publishes
+    the journal there after every change. ``experiment_dir``: where Tune keeps the trials (local or URI).
+    ``epochs``: the trials' pretraining epochs (to tell a stopped trial's status)."""
     import optuna
 
     from simsiam.tune_plugins import LinkedOptunaSearch
 
+    journal = Path(journal_dir or experiment_dir).resolve() / STUDY_FILE
     return LinkedOptunaSearch(
         space.to_optuna(), metric=OBJECTIVE, mode="max",
         points_to_evaluate=[dict(p) for p in space.points_to_evaluate] or None,
         sampler=optuna.samplers.TPESampler(seed=seed), study_name=STUDY_NAME,
-        storage=study_storage(experiment_dir), experiment_dir=str(Path(experiment_dir).resolve()), epochs=epochs)
+        storage=study_storage(journal.parent), experiment_dir=sio.absolute(experiment_dir), epochs=epochs,
+        journal_path=str(journal), journal_copy=journal_copy)
 
 
 # ============================================================================ driving Tune
@@ -844,11 +869,11 @@ def claim_out_dir(out_dir: str | os.PathLike, filename: str, spec: Mapping[str, 
     ``out_dir/filename``; True when the directory already holds the same experiment (a resume). A
     different experiment there is a :class:`ConfigError`: resuming it with other settings would mix
     two searches in one study."""
-    path = Path(out_dir) / filename
+    path = sio.join(sio.absolute(out_dir), filename)
     want = json.loads(json.dumps(spec, sort_keys=True, default=str))
-    if path.exists():
+    if sio.exists(path):
         try:
-            have = json.loads(path.read_text())
+            have = json.loads(sio.read_text(path))
         except ValueError:
             have = None
         if isinstance(have, dict) and isinstance(have.get("config"), dict):
@@ -860,7 +885,7 @@ def claim_out_dir(out_dir: str | os.PathLike, filename: str, spec: Mapping[str, 
                 pass
         if have != want:
             diff = sorted(k for k in set(want) | set(have or {}) if (have or {}).get(k) != want.get(k))
-            raise C.ConfigError(f"{out_dir} already holds a different experiment ({path.name} differs in: "
+            raise C.ConfigError(f"{out_dir} already holds a different experiment ({filename} differs in: "
                                 f"{', '.join(diff) or 'format'}); rerun with the same arguments to resume it, "
                                 "or choose another --out-dir")
         return True
@@ -890,7 +915,8 @@ class _env:
 def fit(out_dir: str | os.PathLike, trainable: Any, tune_config: Callable[[], Any],
         param_space: Mapping[str, Any] | None = None, strict_metrics: bool = True,
         callbacks: Sequence[Any] = ()) -> tuple[Any, bool]:
-    """Run the experiment ``out_dir/tune`` to the end, restoring it if a previous driver left it
+    """Run the experiment ``out_dir/tune`` (``out_dir``: a local directory or an s3://, gs:// URI) to the
+    end, restoring it if a previous driver left it
     unfinished (finished and errored trials are kept as they are; unfinished ones continue, their
     TorchTrainers resuming from their own checkpoints). Returns (ResultGrid, resumed).
 
@@ -905,20 +931,21 @@ def fit(out_dir: str | os.PathLike, trainable: Any, tune_config: Callable[[], An
 
     from simsiam.tune_plugins import ReleaseStoppedTrials
 
-    exp = Path(out_dir).resolve() / EXPERIMENT
+    root = sio.absolute(out_dir)
+    exp = sio.join(root, EXPERIMENT)
     # Tune snapshots the experiment at most every 10 s, and less often as the snapshot grows; a driver
     # killed in between would run a just-finished trial again. A fixed short period keeps that window small.
     env = {"TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_PERIOD_S))}
     if not strict_metrics:
         env["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     with _env(**env):
-        if ray.tune.Tuner.can_restore(str(exp)):
-            tuner = ray.tune.Tuner.restore(str(exp), trainable, resume_unfinished=True, resume_errored=False)
+        if ray.tune.Tuner.can_restore(exp):
+            tuner = ray.tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=False)
             resumed = True
         else:
             tuner = ray.tune.Tuner(
                 trainable, param_space=dict(param_space or {}), tune_config=tune_config(),
-                run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=str(Path(out_dir).resolve()),
+                run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=root,
                                               failure_config=ray.tune.FailureConfig(max_failures=0),
                                               callbacks=[ReleaseStoppedTrials(), *callbacks]))
             resumed = False

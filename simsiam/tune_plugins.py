@@ -4,13 +4,15 @@ trial's resources. Kept apart because importing them imports Ray Tune (most of a
 ``simsiam search --help`` and the search-space checks do not need."""
 from __future__ import annotations
 
+import logging
+import os
 import time
-from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
+from simsiam import io as sio
 from simsiam import search as S
 
 
@@ -24,28 +26,57 @@ class LinkedOptunaSearch(OptunaSearch):
     * the per-epoch kNN top-1 is the trial's intermediate value at step = epoch, so a trial ASHA stopped
       (PRUNED) still shows how far it got;
     * Optuna is told only the final objective (``linear_top1``) as the trial's value; per-epoch results
-      without it are ASHA's business, and Optuna's ``tell`` fails on a missing value.
+      without it are ASHA's business, and Optuna's ``tell`` fails on a missing value;
+    * with ``journal_copy`` (an object-store URI), the local journal ``journal_path`` is published there
+      after every change (:func:`simsiam.search.publish_journal`), and a searcher restored from a Tune
+      snapshot reopens the journal at the path in ``$SIMSIAM_STUDY_JOURNAL`` (the resuming driver's
+      local copy), not at the path pickled on the machine that took the snapshot.
     """
 
     # Class-level defaults: a searcher pickled by an older version (as simsiam.search's
     # FinalObjectiveOptunaSearch) and restored with a resumed search has none of these attributes.
     experiment_dir = ""
     epochs = 0
+    journal_path = ""
+    journal_copy = ""
 
-    def __init__(self, *args: Any, experiment_dir: str, epochs: int, **kwargs: Any):
+    def __init__(self, *args: Any, experiment_dir: str, epochs: int, journal_path: str = "",
+                 journal_copy: str = "", **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.experiment_dir = str(experiment_dir)
         self.epochs = int(epochs)
+        self.journal_path, self.journal_copy = str(journal_path), str(journal_copy)
         self._reported: set[tuple[str, int]] = set()
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        local = os.environ.get(S.JOURNAL_ENV)
+        if local and self._storage is not None:
+            from optuna.storages.journal import JournalFileBackend
+
+            # The study, its trials and this searcher share one unpickled JournalStorage: pointing its
+            # backend at the local copy moves them all (its replay state is fresh after unpickling).
+            self._storage._backend = JournalFileBackend(local)
+            self.journal_path = local
+
+    def _publish(self) -> None:
+        if not (self.journal_copy and self.journal_path):
+            return
+        try:
+            S.publish_journal(self.journal_path, self.journal_copy)
+        except OSError as e:  # the next change (or the search's end) publishes it again
+            logging.getLogger(__name__).warning("could not publish the Optuna journal to %s: %s",
+                                                self.journal_copy, e)
 
     def suggest(self, trial_id: str) -> Any:
         out = super().suggest(trial_id)
         ot = self._ot_trials.get(trial_id)
         if isinstance(out, dict) and ot is not None and self.experiment_dir:
-            exp = Path(self.experiment_dir)
+            exp = self.experiment_dir
             ot.set_user_attr("tune_trial_id", trial_id)
-            ot.set_user_attr("tune_trial_dir", str(exp / trial_id))  # see S.trial_dirname
-            ot.set_user_attr("run_dir", str(exp / "runs" / trial_id))
+            ot.set_user_attr("tune_trial_dir", sio.join(exp, trial_id))  # see S.trial_dirname
+            ot.set_user_attr("run_dir", sio.join(exp, "runs", trial_id))
+            self._publish()
         return out
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
@@ -59,6 +90,7 @@ class LinkedOptunaSearch(OptunaSearch):
             return
         reported.add((trial_id, int(epoch)))
         ot.report(knn, int(epoch))
+        self._publish()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot = self._ot_trials.get(trial_id)
@@ -72,6 +104,7 @@ class LinkedOptunaSearch(OptunaSearch):
             ot.set_user_attr("status", status)
             ot.set_user_attr("reason", reason[:1000])
         super().on_trial_complete(trial_id, result=result, error=error)
+        self._publish()
 
 
 class ReleaseStoppedTrials(Callback):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import ray.tune
 import yaml
 
 from simsiam import config as C
+from simsiam import io as sio
 from simsiam import search as S
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,14 +228,15 @@ TINY = {"model.small_width": 16, "model.dim": 128, "model.pred_dim": 32, "optim.
 COLLAPSING_LR, DIVERGING_LR = 1e3, 1e20
 
 
-def _experiment_trials(exp: Path) -> dict[str, tuple[str, dict]]:
-    """{trial id: (Tune status, last result)} from the newest experiment snapshot the driver wrote."""
-    states = sorted(exp.glob("experiment_state-*.json"))
+def _experiment_trials(exp: Path | str) -> dict[str, tuple[str, dict]]:
+    """{trial id: (Tune status, last result)} from the newest experiment snapshot the driver wrote
+    (``exp``: a local directory or an s3:// URI)."""
+    states = sorted(n for n in sio.names(exp) if n.startswith("experiment_state-") and n.endswith(".json"))
     if not states:
         return {}
     try:
-        data = json.loads(states[-1].read_text())
-    except ValueError:  # caught mid-write by the driver
+        data = json.loads(sio.read_text(sio.join(str(exp), states[-1])))
+    except (ValueError, FileNotFoundError):  # caught mid-write by the driver, or replaced meanwhile
         return {}
     out = {}
     for meta, runtime in data["trial_data"]:
@@ -484,3 +487,79 @@ def test_placement_groups_of_killed_creators_are_reaped(ray_local):
     while S.reap_orphaned_placement_groups() == 0 and time.time() < deadline:
         time.sleep(0.3)
     assert _released_within(ray.cluster_resources(), 10.0)
+
+
+@pytest.mark.slow
+def test_search_on_s3_resumes_from_object_storage_alone_after_its_driver_is_killed(digits_cache, s3_bucket, tmp_path):
+    """Fault (b) of object storage: a search with run.storage_path on a real S3 endpoint (moto) is
+    killed once a trial has ended; the rerun, on "another machine" (the first --out-dir deleted, a new
+    one given), resumes from the bucket alone: the Tune experiment and the published Optuna journal.
+    Both trials finish once, the ended one is not run again, and the journal on S3 holds every trial."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"params": {"optim.base_lr": {"distribution": "loguniform", "low": 0.02,
+                                                                  "high": 0.2}}}))
+    storage = f"{s3_bucket}/store"
+    tune_exp = sio.join(storage, f"search-{C.load('sample').run.name}", S.EXPERIMENT)
+    journal_copy = sio.join(tune_exp, S.STUDY_FILE)
+    tiny = {**TINY, "eval.linear.epochs": 2, "run.storage_path": storage, "data.cache_dir": digits_cache}
+
+    def cmd(out: Path) -> list[str]:
+        return ([sys.executable, "-m", "pipelines.search", "sample", "--space", str(space), "--trials", "2",
+                 "--max-concurrent", "1", "--out-dir", str(out), "--address", "local"]
+                + [a for k, v in tiny.items() for a in ("--set", f"{k}={v}")])
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    first, log = tmp_path / "machine-a", tmp_path / "driver1.log"
+    with open(log, "wb") as f:
+        driver = subprocess.Popen(cmd(first), cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert driver.poll() is None, f"driver exited before it could be killed:\n{log.read_text()[-3000:]}"
+            assert time.time() < deadline, f"no trial ended in time:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
+            trials = _experiment_trials(tune_exp)
+            ended = {t for t, (st, r) in trials.items() if st == "TERMINATED" and r.get("status") in S.STATUSES}
+            if ended and len(ended) < 2:
+                break
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    assert sio.exists(journal_copy), "the Optuna journal was not published while the search ran"
+    before = {t: sio.read_bytes(sio.join(tune_exp, t, "result.json")) for t in ended}
+    shutil.rmtree(first)  # nothing of the first machine's local directory is left to resume from
+
+    second = tmp_path / "machine-b"
+    rerun = subprocess.run(cmd(second), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    assert "Optuna journal fetched from" in rerun.stdout, rerun.stdout[-3000:]
+    summary = json.loads((second / "summary.json").read_text())
+    assert summary["resumed"] is True and summary["trials"] == 2 and summary["experiment"] == tune_exp
+    for t, content in before.items():  # ended before the kill: not run again
+        assert sio.read_bytes(sio.join(tune_exp, t, "result.json")) == content
+
+    with open(second / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and {r["status"] for r in rows} <= set(S.STATUSES) - {"failed"}, rows
+    # The experiment on S3 holds the same two Tune trials, the one ended before the kill among them:
+    # the rerun continued the experiment rather than starting trials afresh.
+    ids = {r["trial_id"] for r in rows}
+    assert len(ids) == 2 and set(before) <= ids and set(_experiment_trials(tune_exp)) == ids, (rows, before)
+
+    # The journal on S3, alone, holds the whole search: each Tune trial in exactly one Optuna trial that
+    # ran (besides any asked for by the killed driver and failed as never run), with trials.csv's status.
+    local = tmp_path / "journal"
+    local.mkdir()
+    (local / S.STUDY_FILE).write_bytes(sio.read_bytes(journal_copy))
+    study = S.load_study(local)
+    ran = [t for t in study.trials if "never run" not in t.user_attrs.get("reason", "")]
+    assert sorted(t.user_attrs["tune_trial_id"] for t in ran) == sorted(r["trial_id"] for r in rows), study.trials
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in ran), [t.state for t in ran]
+    by_number = {t.number: t for t in ran}
+    for r in rows:
+        t = by_number[int(r["optuna_trial"])]
+        assert t.user_attrs["tune_trial_id"] == r["trial_id"] and t.user_attrs["status"] == r["status"], (r, t)
+        assert t.user_attrs["tune_trial_dir"] == sio.join(tune_exp, r["trial_id"])
+    assert not any(t.state.name == "RUNNING" for t in study.trials)
