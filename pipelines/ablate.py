@@ -21,6 +21,7 @@ Writes, under DIR (default runs/ablate-<run.name>):
   ablations.csv    one row per variant and seed
   ablations.png    collapse std, effective rank and kNN top-1 against training steps per variant
   tune/            the Tune experiment; tune/runs/<trial id>/ holds checkpoints and TensorBoard logs
+                   (with run.storage_path set: STORAGE/ablate-<run.name>/tune/, resumable from any machine)
 """
 from __future__ import annotations
 
@@ -86,6 +87,9 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
     grid = A.build_grid(cfg, pairs, data.train_rows)
     spec = {"config": base.to_dict(), "runs": grid.runs, "seeds": seed_list, "collapse_guard": bool(guard)}
     S.claim_out_dir(out, "ablate.json", spec)
+    root = S.experiment_root(out, cfg.run.storage_path, f"ablate-{base.run.name}")  # resumable from there
+    if root != str(out):
+        S.claim_out_dir(root, "ablate.json", spec)
 
     import ray
     import ray.tune
@@ -104,12 +108,12 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
         return ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency,
                                    trial_dirname_creator=S.trial_dirname)
 
-    trainable = S.make_trainable(cfg, train_path, eval_path, str(out / S.EXPERIMENT / "runs"),
+    trainable = S.make_trainable(cfg, train_path, eval_path, f"{root}/{S.EXPERIMENT}/runs",
                                  variants=grid.runs, classify_collapse=True, report_history=True)
     param_space = {"variant": ray.tune.grid_search(grid.keys), "seed": ray.tune.grid_search(seed_list)}
     lines = TrialLines(cfg.train.epochs, lambda m, err: S.classify(m, err, cfg.train.epochs), ["variant", "seed"],
                        len(grid.runs) * len(seed_list))
-    result_grid, resumed = S.fit(out, trainable, tune_config, param_space=param_space, callbacks=[lines])
+    result_grid, resumed = S.fit(root, trainable, tune_config, param_space=param_space, callbacks=[lines])
     records = S.collect_results(result_grid, cfg.train.epochs)
     release = S.wait_for_release(total)
     by_run = {(r.config.get("variant"), int(r.config.get("seed", -1))): r for r in records}

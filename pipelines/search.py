@@ -13,7 +13,10 @@ recorded with their reason and the search goes on. As many trials run at once as
 lowers that.
 
 Rerunning the same command resumes an interrupted search: finished trials are kept, unfinished ones
-continue from their last pretraining checkpoint. Trials stopped by ASHA have no objective (they are
+continue from their last pretraining checkpoint. With run.storage_path on object storage (s3://, gs://)
+the Tune experiment lives under STORAGE/search-<run.name>/tune/ (trials, checkpoints, and a copy of the
+Optuna journal published after every change), so the search resumes from there on any machine, with an
+empty or new --out-dir. Trials stopped by ASHA have no objective (they are
 not linear-evaluated: ASHA judged them not worth it).
 
 Writes, under DIR (default runs/search-<run.name>):
@@ -124,13 +127,13 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
     # With run.storage_path, the Tune experiment (trials, checkpoints, searcher snapshots) and a published
     # copy of the Optuna journal live there, keyed by the run name, so a driver on another machine (any
     # --out-dir) resumes the search from object storage alone. The journal itself is worked on locally.
-    storage = cfg.run.storage_path.strip()
-    root = sio.join(sio.absolute(storage), f"search-{base.run.name}") if storage else str(out)
-    if storage:
+    root = S.experiment_root(out, cfg.run.storage_path, f"search-{base.run.name}")
+    remote = root != str(out)
+    if remote:
         S.claim_out_dir(root, "search.json", spec)
     exp, journal = out / S.EXPERIMENT, out / S.EXPERIMENT / S.STUDY_FILE
     tune_exp = sio.join(root, S.EXPERIMENT)
-    journal_copy = sio.join(tune_exp, S.STUDY_FILE) if storage else ""
+    journal_copy = sio.join(tune_exp, S.STUDY_FILE) if remote else ""
     data = preflight(cfg.data)  # bad data fails here, before any Ray process starts
     for w in data.warnings:
         console.warn(w)

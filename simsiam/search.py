@@ -864,6 +864,14 @@ def trial_dirname(trial: Any) -> str:
     return str(trial.trial_id)
 
 
+def experiment_root(out_dir: str | os.PathLike, storage_path: str, name: str) -> str:
+    """Where a search's or an ablation's Tune experiment (``<root>/tune``: trials, their checkpoints,
+    the searcher's snapshots) lives: ``<run.storage_path>/<name>`` when that is set, keyed by ``name``
+    rather than by the --out-dir, so a driver on another machine finds it; else ``out_dir``."""
+    storage = storage_path.strip()
+    return sio.join(sio.absolute(storage), name) if storage else sio.absolute(out_dir)
+
+
 def claim_out_dir(out_dir: str | os.PathLike, filename: str, spec: Mapping[str, Any]) -> bool:
     """Record what this experiment is (``spec``; its ``config``, if any, a full config dict) in
     ``out_dir/filename``; True when the directory already holds the same experiment (a resume). A
