@@ -410,6 +410,8 @@ def _relay(queue: Any, on_report: Callable[[dict], None], done: threading.Event,
             if on_idle is not None:
                 on_idle()
             continue
+        except (Exception, SystemExit):  # noqa: BLE001 - the queue's actor is gone (Ray shut down under
+            return                       # the run, e.g. a node lost): no report can come any more
         on_report(item)
 
 
