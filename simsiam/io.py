@@ -339,6 +339,12 @@ def _local_guard(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
+def _require_local_version(path: Path, version: str) -> None:
+    """The local half of a compare-and-swap; call it under :func:`_local_guard`."""
+    if _local_version(path) != version:
+        raise PreconditionFailed(f"{path}: changed by someone else")
+
+
 def _local_version(path: Path) -> str | None:
     try:
         st = path.stat()
@@ -404,8 +410,7 @@ def put_if_version(path: str | os.PathLike, data: bytes, version: str | None) ->
         raise _no_conditional(path)
     p = Path(path)
     with _local_guard(p):
-        if _local_version(p) != version:
-            raise PreconditionFailed(f"{path}: changed by someone else")
+        _require_local_version(p, version)
         tmp = _local_temp_write(p, data)
         os.replace(tmp, p)
         return _local_version(p) or ""
@@ -422,8 +427,7 @@ def delete_if_version(path: str | os.PathLike, version: str) -> None:
         raise _no_conditional(path)
     p = Path(path)
     with _local_guard(p):
-        if _local_version(p) != version:
-            raise PreconditionFailed(f"{path}: changed by someone else")
+        _require_local_version(p, version)
         p.unlink()
 
 
