@@ -156,8 +156,11 @@ def test_ray_data_to_worker_in_gpu_mode_matches_the_cpu_path(ray_local, tmp_path
     cfg = DataConfig(image_size=32, shuffle_buffer=0, decode="gpu")
     got = {}
     for mode in ("cpu", "gpu"):
+        ds = train_dataset(cfg, str(tmp_path), 3, mode)
+        # Training streams blocks in completion order; compared batch by batch, they must come in order.
+        ds.context.execution_options.preserve_order = True
         got[mode] = [(v1.clone(), v2.clone(), n) for v1, v2, n in iter_train_batches(
-            train_dataset(cfg, str(tmp_path), 3, mode), cfg, 8, 3, 0, "cpu", decode=mode)]
+            ds, cfg, 8, 3, 0, "cpu", decode=mode)]
     assert len(got["gpu"]) == len(got["cpu"]) == 3
     for (a1, a2, na), (b1, b2, nb) in zip(got["cpu"], got["gpu"], strict=True):
         assert na == nb == 0 and a1.shape == b1.shape == (8, 3, 32, 32) and b1.dtype == torch.uint8
