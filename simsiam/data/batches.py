@@ -14,6 +14,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
+from simsiam import ray_compat
 from simsiam.augment.geometric import GeometricAugment, eval_transform
 from simsiam.data.decode import BadImage, Rows, probe
 
@@ -23,9 +24,7 @@ def _batch_rng(seed: int, rows: Rows) -> np.random.Generator:
 
     Two epochs of one image get different views; rerunning a batch (task retry) gets the same ones.
     """
-    from ray.data.context import DataContext
-
-    epoch = int(getattr(DataContext.get_current(), "_execution_idx", 0))
+    epoch = ray_compat.execution_index()
     key = zlib.crc32("\0".join(map(str, rows.ids)).encode())
     return np.random.default_rng([seed & 0xFFFFFFFF, epoch, key, rows.n])
 

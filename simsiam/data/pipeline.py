@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 import ray
 import torch
 
+from simsiam import ray_compat
 from simsiam.config import DataConfig
 from simsiam.data import batches
 from simsiam.data.schema import METADATA_FILE, DataError, ShardSet, is_uri, read_metadata, validate_shards
@@ -89,22 +90,15 @@ def _read(data_cfg: DataConfig, path: str, what: str, shuffle_seed: int | None) 
         if shuffle_seed is not None:
             ds = ds.randomize_block_order(seed=shuffle_seed)
     else:
-        from ray.data import DataContext, FileShuffleConfig
+        from ray.data import FileShuffleConfig
 
-        ctx = DataContext.get_current()
-        saved = ctx.use_datasource_v2
-        # Ray 2.60's V2 Parquet reader packs small sets of files into one read task and lists files in
-        # an extra task every epoch: measured 10x slower here than V1's one read task per file.
-        ctx.use_datasource_v2 = False
-        try:
+        with ray_compat.parquet_reader_v1():  # one read task per file; see ray_compat
             ds = ray.data.read_parquet(
                 found.shards, include_paths=True, num_cpus=_task_cpus(data_cfg),
                 # A new file order every epoch (execution), reproducible from the seed.
                 shuffle=FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
                 if shuffle_seed is not None else None,
             ).select_columns([*found.columns, "path"])
-        finally:
-            ctx.use_datasource_v2 = saved
     ds.context.execution_options = ingest_options(data_cfg)
     # Without this Ray replaces a task's exception by a generic UserCodeException and the DataError
     # naming the shard and row is lost to the consumer (only the remote traceback text remains).
