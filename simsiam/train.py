@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -96,6 +97,13 @@ class TensorBoardSync:
         if self._fs is not None:
             import pyarrow.fs as pafs
             pafs.copy_files(self.dir, self._remote, destination_filesystem=self._fs)
+
+    def close(self) -> None:
+        """Last sync; a local staging copy of remote logs is then removed (the node's disk keeps nothing)."""
+        self.sync()
+        self._writer.close()
+        if self._fs is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _all_min(value: int, device: torch.device, world: int) -> int:
@@ -316,7 +324,7 @@ def train_loop_per_worker(loop_config: dict) -> dict:
         if tb is not None and "top1" in linear:
             tb.scalars({"eval/linear_top1": linear["top1"], "eval/linear_top5": linear["top5"]}, step)
     if tb is not None:
-        tb.sync()
+        tb.close()
     return {"status": status, "reason": reason, "history": history, "world_size": world,
             "replicas": _replica_report(net, world), "linear": linear}
 
