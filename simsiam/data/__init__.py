@@ -1,7 +1,9 @@
 """Datasets as Parquet image shards, and the Ray Data pipelines that stream them into training.
 
 - :mod:`simsiam.data.schema` - the shard format and its checks.
-- :mod:`simsiam.data.convert` - image folders / .npz / built-in sets -> shards (``simsiam data convert``).
+- :mod:`simsiam.data.convert` - image folders / .npz / built-in sets -> shards (``simsiam data convert``):
+  what it reads in :mod:`~simsiam.data.sources` and :mod:`~simsiam.data.formats`, each shard built and
+  written by :mod:`~simsiam.data.shard_writer`.
 - :mod:`simsiam.data.inspect` - counts, sizes and sample grids (``simsiam data inspect``).
 - :mod:`simsiam.data.pipeline` - Ray Data: train (two augmented views) and eval datasets.
 
@@ -26,7 +28,7 @@ from simsiam.data.schema import (
 __all__ = ["DataError", "resolve_paths", "builtin_dir", "read_metadata", "BUILTINS"]
 
 BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("shapes", "digits")  # see simsiam.data.convert.BUILTIN_SOURCES
+BUILTINS = ("shapes", "digits")  # see simsiam.data.sources.BUILTIN_SOURCES
 
 
 def _cache_root(data_cfg: DataConfig) -> Path:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from simsiam.data.schema import DataError
+from simsiam.data.sources import IMAGE_EXTENSIONS, Source, array_source, files_source, folder_source, images_under
 
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 LABEL_FILES = ("LOC_val_solution.csv", "val_annotations.txt", "val_labels.txt", "labels.txt")
@@ -124,10 +125,8 @@ def _file_fingerprint(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def cifar_sources(src: Path, kind: str) -> dict[str, Any]:
+def cifar_sources(src: Path, kind: str) -> dict[str, Source]:
     """{"train": source, "test": source} for a ``cifar-10-batches-py`` or ``cifar-100-python`` folder."""
-    from simsiam.data.convert import _array_source
-
     if kind == "cifar10":
         meta_path, label_key, names_key = src / "batches.meta", "labels", "label_names"
         splits = {"train": [src / n for n in CIFAR10_TRAIN], "test": [src / "test_batch"]}
@@ -142,7 +141,7 @@ def cifar_sources(src: Path, kind: str) -> dict[str, Any]:
         labels = np.concatenate([p[1] for p in parts])
         fp = {"type": kind, "path": str(src.resolve()), "split": split,
               "files_sha1": _file_fingerprint([meta_path, *paths])}
-        out[split] = _array_source(images, labels, class_names, fp, f"{kind}/{split}", f"{src}[{split}]")
+        out[split] = array_source(images, labels, class_names, fp, f"{kind}/{split}", f"{src}[{split}]")
     return out
 
 
@@ -206,11 +205,9 @@ def read_label_file(path: Path, class_names: list[str]) -> dict[str, int]:
     return out
 
 
-def split_sources(src: Path, val_labels: str | os.PathLike | None = None) -> dict[str, Any]:
+def split_sources(src: Path, val_labels: str | os.PathLike | None = None) -> dict[str, Source]:
     """{"train": source, "val": source} for a folder with ``train/`` (class folders) and ``val/``."""
-    from simsiam.data.convert import IMAGE_EXTENSIONS, _files_source, _folder_source, _images_under
-
-    train = _folder_source(src / "train")
+    train = folder_source(src / "train")
     if not train.class_names:
         raise DataError(f"{src / 'train'}: needs one sub-folder per class (found images at its top level)")
     classes = train.class_names
@@ -221,7 +218,7 @@ def split_sources(src: Path, val_labels: str | os.PathLike | None = None) -> dic
                       and p.name.lower().endswith(IMAGE_EXTENSIONS))
 
     class_dirs = sorted(d for d in val_dir.iterdir() if d.is_dir() and not d.name.startswith(".")
-                        and _images_under(d))
+                        and images_under(d))
     flat_dir = val_dir
     if [d.name for d in class_dirs] == ["images"] and "images" not in classes:  # Tiny-ImageNet: val/images/
         flat_dir, class_dirs = val_dir / "images", []
@@ -236,7 +233,7 @@ def split_sources(src: Path, val_labels: str | os.PathLike | None = None) -> dic
                 raise DataError(f"{d}: class folder not in train/ (train has {len(classes)} classes, e.g. "
                                 f"{', '.join(classes[:3])})")
             label = classes.index(d.name)
-            files += [(p.relative_to(val_dir).as_posix(), str(p), label) for p in _images_under(d)]
+            files += [(p.relative_to(val_dir).as_posix(), str(p), label) for p in images_under(d)]
         extra = {"val_layout": "class folders"}
     else:
         label_file = _find_label_file(src, val_labels)
@@ -264,5 +261,5 @@ def split_sources(src: Path, val_labels: str | os.PathLike | None = None) -> dic
         st = label_file.stat()
         extra = {"val_layout": "flat", "labels_file": str(label_file.resolve()), "labels_size": st.st_size,
                  "labels_mtime_ns": st.st_mtime_ns}
-    return {"train": train, "val": _files_source(val_dir, files, classes, extra)}
+    return {"train": train, "val": files_source(val_dir, files, classes, extra)}
 
