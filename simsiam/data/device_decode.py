@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from simsiam.config import DataConfig
-from simsiam.data.schema import DataError, filesystem, validate_shards
+from simsiam.data.schema import DataError, filesystem, plain_data_errors, validate_shards
 
 __all__ = ["resolve", "sample_format", "decode_views", "iter_views"]
 
@@ -194,10 +194,8 @@ def iter_views(shard: Any, data_cfg: DataConfig, batch_size: int, seed: int, epo
                device: torch.device | str) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """The ``data.decode: gpu`` form of :func:`simsiam.data.pipeline.iter_train_batches` (same contract):
     Ray Data prefetches encoded batches on its threads; each is decoded and cropped here, on ``device``."""
-    from simsiam.data.pipeline import _clean_errors
-
     buffer = data_cfg.shuffle_buffer or None
-    for batch in _clean_errors(shard.iter_batches(
+    for batch in plain_data_errors(shard.iter_batches(
         batch_size=batch_size, batch_format="numpy", drop_last=True, local_shuffle_buffer_size=buffer,
         local_shuffle_seed=(seed + epoch) if buffer else None, prefetch_batches=data_cfg.prefetch_batches,
     )):

@@ -33,7 +33,15 @@ import torch
 from simsiam import ray_compat
 from simsiam.config import DataConfig
 from simsiam.data import batches
-from simsiam.data.schema import METADATA_FILE, DataError, ShardSet, is_uri, read_metadata, validate_shards
+from simsiam.data.schema import (
+    METADATA_FILE,
+    DataError,
+    ShardSet,
+    is_uri,
+    plain_data_errors,
+    read_metadata,
+    validate_shards,
+)
 
 # Output bytes per map_batches call: big enough to amortise task overhead, small enough that a few
 # in flight fit any worker's memory.
@@ -201,30 +209,6 @@ def dataset_info(path: str) -> dict[str, Any]:
     }
 
 
-def _data_error_in(e: BaseException) -> DataError | None:
-    """Our DataError inside the wrappers Ray puts around an exception raised in a task, if any."""
-    seen = 0
-    while e is not None and seen < 16:
-        if isinstance(e, DataError) and type(e) is DataError:
-            return e
-        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
-        seen += 1
-    return None
-
-
-def _clean_errors(batches: Iterator) -> Iterator:
-    """Re-raise a bad-data error from a Ray task as the plain one-line DataError it started as, rather
-    than Ray's wrapper whose message is mostly remote traceback."""
-    try:
-        yield from batches
-    except Exception as e:  # Ray wraps task errors in several exception types
-        found = _data_error_in(e)
-        if found is None:
-            raise
-        # Ray appends its retry advice as extra lines; the first line is the whole story.
-        raise DataError(str(found).splitlines()[0]) from None
-
-
 def iter_train_batches(shard: Any, data_cfg: DataConfig, batch_size: int, seed: int, epoch: int,
                        device: torch.device | str | None = None, decode: str = "cpu"
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
@@ -244,7 +228,7 @@ def iter_train_batches(shard: Any, data_cfg: DataConfig, batch_size: int, seed: 
         yield from iter_views(shard, data_cfg, batch_size, seed, epoch, device)
         return
     buffer = data_cfg.shuffle_buffer or None
-    for batch in _clean_errors(shard.iter_torch_batches(
+    for batch in plain_data_errors(shard.iter_torch_batches(
         batch_size=batch_size, drop_last=True, local_shuffle_buffer_size=buffer,
         local_shuffle_seed=(seed + epoch) if buffer else None, prefetch_batches=data_cfg.prefetch_batches,
         device=device, pin_memory=device.type == "cuda",
@@ -262,7 +246,7 @@ def iter_eval_batches(shard_or_ds: Any, batch_size: int, device: torch.device | 
 
     Rows skipped as bad are removed; pass a dict as ``stats`` to have ``stats["skipped"]`` counted.
     """
-    for batch in _clean_errors(shard_or_ds.iter_torch_batches(batch_size=batch_size, drop_last=False,
+    for batch in plain_data_errors(shard_or_ds.iter_torch_batches(batch_size=batch_size, drop_last=False,
                                                               device=device if device is not None else "cpu")):
         images, labels, valid = batch["image"], batch["label"], batch["valid"]
         n_bad = int((~valid).sum())

@@ -36,9 +36,10 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -70,6 +71,33 @@ RAW_COLUMNS = ("height", "width", "channels")
 
 class DataError(ValueError):
     """Bad or missing data: the message names the path, shard, row or field at fault."""
+
+
+def _data_error_in(e: BaseException) -> DataError | None:
+    """Our DataError inside the wrappers Ray puts around an exception raised in a task, if any."""
+    seen = 0
+    while e is not None and seen < 16:
+        if isinstance(e, DataError) and type(e) is DataError:
+            return e
+        e = getattr(e, "cause", None) or e.__cause__ or e.__context__
+        seen += 1
+    return None
+
+
+T = TypeVar("T")
+
+
+def plain_data_errors(batches: Iterator[T]) -> Iterator[T]:
+    """``batches`` (from a Ray Data iterator), re-raising a bad-data error from a Ray task as the plain
+    one-line DataError it started as, rather than Ray's wrapper whose message is mostly remote traceback."""
+    try:
+        yield from batches
+    except Exception as e:  # Ray wraps task errors in several exception types
+        found = _data_error_in(e)
+        if found is None:
+            raise
+        # Ray appends its retry advice as extra lines; the first line is the whole story.
+        raise DataError(str(found).splitlines()[0]) from None
 
 
 def shard_name(index: int) -> str:
