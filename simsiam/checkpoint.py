@@ -9,6 +9,9 @@ runs pickled code.
 state_dict: for torchvision backbones the backbone module *is* torchvision's ResNet with ``fc =
 Identity``, so the keys are torchvision's and ``torchvision.models.resnet50().load_state_dict(sd,
 strict=False)`` reports only fc missing; the small backbone's keys are :class:`simsiam.model.SmallResNet`'s.
+
+torch is imported inside the functions that need it: :data:`CHECKPOINT_FILE` and :func:`resolve` serve
+torch-free modules too (the registry, ``simsiam export --help``), which should start in milliseconds.
 """
 from __future__ import annotations
 
@@ -17,22 +20,25 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torchvision
-from torch import nn
 
 from simsiam.config import Config, ConfigError, from_dict
 from simsiam.io import atomic_write_bytes
 
-CHECKPOINT_NAME = "checkpoint.pt"
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+CHECKPOINT_FILE = "checkpoint.pt"  # the file in each checkpoint directory a run writes
 FORMAT_VERSION = 1
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model under DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    from torch import nn
+
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
         if not isinstance(inner, nn.Module):
@@ -42,6 +48,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def rng_state() -> dict[str, Any]:
     """torch (CPU and every CUDA device), numpy and Python ``random`` states as tensors and plain values."""
+    import torch
+
     np_state = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     out: dict[str, Any] = {
@@ -59,6 +67,8 @@ def rng_state() -> dict[str, Any]:
 def restore_rng(state: dict[str, Any]) -> None:
     """Restore the RNG states saved by :func:`state` (pass the checkpoint dict or its ``"rng"`` entry).
     CUDA states are restored only when the device count matches the saving run's."""
+    import torch
+
     rng = state.get("rng", state)
     torch.set_rng_state(rng["torch"].cpu())
     n = rng["numpy"]
@@ -90,6 +100,8 @@ def state(model: nn.Module, optimizer: torch.optim.Optimizer | None, epoch: int,
 
 def save(path: str | os.PathLike, state_dict: dict[str, Any]) -> None:
     """Write a checkpoint atomically (temp file, fsync, rename): a crash leaves the old file or the new one."""
+    import torch
+
     buf = io.BytesIO()
     torch.save(state_dict, buf)
     atomic_write_bytes(path, buf.getbuffer())
@@ -99,15 +111,15 @@ def resolve(path: str | os.PathLike) -> Path:
     """A checkpoint file, or a directory (a Ray checkpoint) holding ``checkpoint.pt``."""
     p = Path(path)
     if p.is_dir():
-        p = p / CHECKPOINT_NAME
+        p = p / CHECKPOINT_FILE
         if not p.is_file():
-            raise FileNotFoundError(f"{path}: directory has no {CHECKPOINT_NAME}")
+            raise FileNotFoundError(f"{path}: directory has no {CHECKPOINT_FILE}")
     elif not p.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file or directory")
     return p
 
 
-EXPECTED = (f"expected a SimSiam checkpoint: the {CHECKPOINT_NAME} of a run's checkpoint directory "
+EXPECTED = (f"expected a SimSiam checkpoint: the {CHECKPOINT_FILE} of a run's checkpoint directory "
             "(<storage>/<run name>/checkpoint_*/), a dict with model (a state_dict), optimizer, epoch, step, config")
 
 _MAGIC = ((b"\x93NUMPY", "a NumPy .npy array"), (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"),
@@ -135,6 +147,8 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     """Load a checkpoint (file or directory holding ``checkpoint.pt``) onto the CPU, with
     ``weights_only=True`` so a tampered file cannot execute code. Anything else - an empty file, another
     format, a torch file holding something else - is a ``ValueError`` saying what the file is."""
+    import torch
+
     p = resolve(path)
     try:
         obj = torch.load(p, weights_only=True, map_location="cpu")
@@ -179,6 +193,8 @@ def backbone_state_dict(model_state: dict[str, torch.Tensor]) -> dict[str, torch
 
 def _check_torchvision_keys(sd: dict[str, torch.Tensor], cfg: Config, where: str) -> None:
     """Refuse to write an export that torchvision would not load with only fc missing."""
+    import torchvision
+
     m = cfg.model
     ref = getattr(torchvision.models, m.backbone)(weights=None).state_dict()
     expected = {k for k in ref if not k.startswith("fc.")}
@@ -194,6 +210,8 @@ def _check_torchvision_keys(sd: dict[str, torch.Tensor], cfg: Config, where: str
 
 def export(ckpt_path: str | os.PathLike, out_path: str | os.PathLike) -> tuple[list[str], Config]:
     """:func:`export_backbone`, also returning the run's config (which says how to load the export)."""
+    import torch
+
     ckpt = load(ckpt_path)
     cfg = checkpoint_config(ckpt, str(ckpt_path))
     sd = backbone_state_dict(ckpt["model"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-CHECKPOINT_NAME = "checkpoint.pt"  # simsiam.checkpoint.CHECKPOINT_NAME (not imported: it pulls in torch)
+from simsiam.checkpoint import CHECKPOINT_FILE
 
 DESCRIPTION = """\
 Export a SimSiam checkpoint's backbone as a plain state_dict (tensors only). How to load it depends on
@@ -26,7 +26,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ckpt", metavar="CKPT", help=f"checkpoint file, or a Ray checkpoint directory holding "
-                                                f"{CHECKPOINT_NAME} (<storage>/<run name>/checkpoint_*)")
+                                                f"{CHECKPOINT_FILE} (<storage>/<run name>/checkpoint_*)")
     p.add_argument("out", metavar="OUT.pt", help="where to write the backbone state_dict (written atomically)")
     return p
 
