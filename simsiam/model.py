@@ -1,10 +1,14 @@
 """SimSiam's networks: encoder f = backbone + projection MLP, and the prediction MLP h.
 
-Heads are built from short lists of ``(in, out, norm, relu)`` blocks so that the paper's BN
-ablations (Table 4) and widths are data, not code paths.
+Each head is a flat ``nn.Sequential`` of fc blocks (Linear -> norm -> activation), written block by
+block as the paper describes it. The paper's BN study (Table 3) is the config's ``model.bn``; it
+becomes norm layers in one place, :data:`HEAD_NORMS`. (Flat, so the state-dict keys are
+``projector.<i>.*`` / ``predictor.<i>.*`` as in every checkpoint written so far.)
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from itertools import pairwise
 from typing import NamedTuple
 
 import torch
@@ -14,41 +18,74 @@ from torchvision.models.resnet import BasicBlock
 
 from simsiam.config import ModelConfig
 
-# norm: None (Linear keeps its bias), "bn" (affine BN), "bn0" (BN without learnable affine).
-Block = tuple[int, int, "str | None", bool]
+Norm = Callable[[int], nn.Module] | None  # width -> the norm layer after an fc of that width; None: no norm
 
 
-def mlp(blocks: list[Block]) -> nn.Sequential:
-    """Linear -> [BN] -> [ReLU] per block. A Linear followed by BN has no bias (BN's shift replaces it)."""
+def batch_norm(d: int) -> nn.Module:
+    return nn.BatchNorm1d(d)
+
+
+def batch_norm_no_affine(d: int) -> nn.Module:
+    """BN without learnable scale and shift: the projector's output BN in the reference code."""
+    return nn.BatchNorm1d(d, affine=False)
+
+
+class HeadNorms(NamedTuple):
+    """The norm after each kind of fc in the heads, for one ``model.bn`` value."""
+
+    hidden: Norm     # every hidden fc, of the projector and of the predictor
+    proj_out: Norm   # the projector's output fc
+    pred_out: Norm   # the predictor's output fc
+
+
+# model.bn -> norms, the rows of the paper's Table 3 (linear top-1, ImageNet, 100 epochs).
+HEAD_NORMS: dict[str, HeadNorms] = {
+    # "default": the recipe (every projector fc, hidden predictor fc)
+    "default": HeadNorms(hidden=batch_norm, proj_out=batch_norm_no_affine, pred_out=None),
+    # "hidden": BN on hidden layers only, 67.4
+    "hidden": HeadNorms(hidden=batch_norm, proj_out=None, pred_out=None),
+    # "none": no BN in the MLPs, 34.6
+    "none": HeadNorms(hidden=None, proj_out=None, pred_out=None),
+    # "all": BN on the predictor's output too - training is unstable (fails)
+    "pred_output": HeadNorms(hidden=batch_norm, proj_out=batch_norm_no_affine, pred_out=batch_norm),
+}
+
+
+def fc(d_in: int, d_out: int, norm: Norm, activation: nn.Module | None) -> list[nn.Module]:
+    """One fc block: Linear -> [norm] -> [activation]. A Linear followed by a norm has no bias (BN's
+    shift replaces it)."""
+    layers: list[nn.Module] = [nn.Linear(d_in, d_out, bias=norm is None)]
+    if norm is not None:
+        layers.append(norm(d_out))
+    if activation is not None:
+        layers.append(activation)
+    return layers
+
+
+def projection_mlp(in_dim: int, cfg: ModelConfig) -> nn.Sequential:
+    """Projection MLP (in f). Paper: "The projection MLP (in f) has BN applied to each fully-connected
+    (fc) layer, including its output fc. Its output fc has no ReLU. The hidden fc is 2048-d. This MLP
+    has 3 layers." (2 on CIFAR: ``model.proj_layers``.)"""
+    norms = HEAD_NORMS[cfg.bn]
+    hidden = cfg.proj_hidden_dim or cfg.dim
+    dims = [in_dim] + [hidden] * (cfg.proj_layers - 1)
     layers: list[nn.Module] = []
-    for d_in, d_out, norm, relu in blocks:
-        layers.append(nn.Linear(d_in, d_out, bias=norm is None))
-        if norm is not None:
-            layers.append(nn.BatchNorm1d(d_out, affine=(norm == "bn")))
-        if relu:
-            layers.append(nn.ReLU(inplace=True))
+    for d_in, d_out in pairwise(dims):  # "BN applied to each fc layer", hidden fc "2048-d"
+        layers += fc(d_in, d_out, norms.hidden, nn.ReLU(inplace=True))
+    # "including its output fc. Its output fc has no ReLU."
+    layers += fc(dims[-1], cfg.dim, norms.proj_out, activation=None)
     return nn.Sequential(*layers)
 
 
-def projector_blocks(in_dim: int, cfg: ModelConfig) -> list[Block]:
-    """Projection MLP. Paper: "The projection MLP (in f) has BN applied to each fully-connected (fc)
-    layer, including its output fc. Its output fc has no ReLU. The hidden fc is 2048-d. This MLP has
-    3 layers." The output BN has no learnable affine (reference code)."""
-    hidden = cfg.proj_hidden_dim or cfg.dim
-    hidden_norm = None if cfg.bn == "none" else "bn"
-    out_norm = "bn0" if cfg.bn in ("default", "pred_output") else None
-    dims = [in_dim] + [hidden] * (cfg.proj_layers - 1) + [cfg.dim]
-    blocks: list[Block] = [(dims[i], dims[i + 1], hidden_norm, True) for i in range(cfg.proj_layers - 1)]
-    return blocks + [(dims[-2], cfg.dim, out_norm, False)]
-
-
-def predictor_blocks(cfg: ModelConfig) -> list[Block]:
-    """Prediction MLP. Paper: "The prediction MLP (h) has BN applied to its hidden fc layers. Its output
+def prediction_mlp(cfg: ModelConfig) -> nn.Sequential:
+    """Prediction MLP h. Paper: "The prediction MLP (h) has BN applied to its hidden fc layers. Its output
     fc does not have BN or ReLU. This MLP has 2 layers. The dimension of h's input and output (z and p)
     is d = 2048, and h's hidden layer's dimension is 512, making h a bottleneck structure." """
-    hidden_norm = None if cfg.bn == "none" else "bn"
-    out_norm = "bn" if cfg.bn == "pred_output" else None
-    return [(cfg.dim, cfg.pred_dim, hidden_norm, True), (cfg.pred_dim, cfg.dim, out_norm, False)]
+    norms = HEAD_NORMS[cfg.bn]
+    return nn.Sequential(
+        *fc(cfg.dim, cfg.pred_dim, norms.hidden, nn.ReLU(inplace=True)),  # "BN applied to its hidden fc"
+        *fc(cfg.pred_dim, cfg.dim, norms.pred_out, activation=None),       # "output fc does not have BN or ReLU"
+    )
 
 
 class SmallResNet(nn.Module):
@@ -106,8 +143,8 @@ class SimSiam(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.backbone, self.feat_dim = build_backbone(cfg)
-        self.projector = mlp(projector_blocks(self.feat_dim, cfg))
-        self.predictor: nn.Module = nn.Identity() if cfg.predictor == "none" else mlp(predictor_blocks(cfg))
+        self.projector = projection_mlp(self.feat_dim, cfg)
+        self.predictor: nn.Module = nn.Identity() if cfg.predictor == "none" else prediction_mlp(cfg)
         if cfg.predictor == "fixed":
             self.predictor.requires_grad_(False)
 

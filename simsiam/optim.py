@@ -6,6 +6,7 @@ import math
 import torch
 from torch import nn
 
+from simsiam.checkpoint import unwrap
 from simsiam.config import OptimConfig
 
 
@@ -19,7 +20,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, global_batch: int | None
 
     The predictor group carries ``fix_lr`` so :func:`set_lr` can keep it constant (paper: 68.1 vs 67.7).
     A frozen predictor (``model.predictor: fixed``) has no trainable parameters and is left out."""
-    unwrapped = getattr(model, "module", model)
+    unwrapped = unwrap(model)
     pred_ids = {id(p) for p in unwrapped.predictor.parameters()}
     encoder = [p for p in unwrapped.parameters() if p.requires_grad and id(p) not in pred_ids]
     predictor = [p for p in unwrapped.predictor.parameters() if p.requires_grad]
