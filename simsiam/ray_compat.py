@@ -8,13 +8,14 @@ first, then revisit each section below (a workaround may no longer be needed, or
 
 Importing this module warns (:class:`RayVersionWarning`) when the installed Ray is not 2.60.
 
-Sections: version pin; Ray Data.
+Sections: version pin; Ray Data; Ray Train.
 
 Keep this module free of torch: Ray Data's worker processes import it (through
 ``simsiam.data.batches``), and torch costs seconds of start-up per process.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,3 +87,21 @@ def execution_index() -> int:
     from ray.data.context import DataContext
 
     return int(getattr(DataContext.get_current(), "_execution_idx", 0))
+
+
+# --------------------------------------------------------------------------- Ray Train
+
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+
+def disable_preemption_watcher() -> None:
+    """No preemption watcher in Ray Train runs; call before a local cluster starts (its processes inherit
+    the environment). A value the user set wins.
+
+    Works around: Ray 2.60's Train controller starts a preemption-watcher actor for every run, for the
+    notices of cloud spot/preemptible nodes. A local cluster has none, and starting the actor logs an
+    ``E ... core_worker.cc ... max_restarts > 0`` line that reads like a failure. The only switch is the
+    undocumented environment variable ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER`` (named in
+    ``ray.train.v2._internal.constants``), read by the controller and propagated to the workers.
+    """
+    os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")

@@ -6,6 +6,8 @@ import sys
 
 import ray
 
+from simsiam import ray_compat
+
 _OWNED = False  # whether init_ray connected this process (and so may disconnect it)
 
 
@@ -22,7 +24,7 @@ def init_ray(address: str | None = None, **kwargs) -> str:
         ray.init(address=address, **kwargs)
         _OWNED = True
         return f"the Ray cluster at {address}"
-    local_cluster_env()
+    ray_compat.disable_preemption_watcher()  # a local cluster has no spot nodes to watch
     # address="local": always a new cluster, never one left running on this machine by someone else.
     ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
     _OWNED = True
@@ -38,15 +40,6 @@ def release_ray() -> None:
     if _OWNED and ray.is_initialized():
         ray.shutdown()
     _OWNED = False
-
-
-def local_cluster_env() -> None:
-    """Output-only settings for a local cluster, made before it starts (its processes inherit them).
-
-    Ray Train's preemption watcher is for cloud spot/preemptible nodes; a local cluster has none, and
-    starting the watcher actor logs an ``E ... core_worker.cc ... max_restarts > 0`` line that reads
-    like a failure. Off here; clusters joined by address keep it."""
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def auth_mode() -> str:

@@ -1,5 +1,5 @@
 """Each workaround in simsiam.ray_compat still works on the installed Ray (run these first after a Ray
-upgrade): the version pin, and the Ray Data ones on a real local Ray cluster."""
+upgrade): the version pin, the Ray Data ones on a real local Ray cluster, the Ray Train ones."""
 from __future__ import annotations
 
 import warnings
@@ -75,3 +75,24 @@ def test_execution_index_counts_executions_of_one_dataset():
     seen = [{int(r["idx"]) for r in ds.take_all()} for _ in range(3)]
     # Constant within one execution (every task agrees), one more per execution: an epoch counter.
     assert seen == [{0}, {1}, {2}]
+
+
+# --------------------------------------------------------------------------- Ray Train
+
+
+def test_disable_preemption_watcher_sets_the_switch_ray_train_reads(monkeypatch):
+    from ray._private import ray_constants
+    from ray.train.v2._internal import constants
+    from ray.train.v2._internal.execution.controller import controller
+
+    monkeypatch.delenv(ray_compat.PREEMPTION_WATCHER_ENV, raising=False)
+    ray_compat.disable_preemption_watcher()
+    # The controller decides with exactly this read; the variable reaches the workers too.
+    assert controller.ENABLE_PREEMPTION_WATCHER_ENV_VAR == ray_compat.PREEMPTION_WATCHER_ENV
+    assert ray_constants.env_bool(controller.ENABLE_PREEMPTION_WATCHER_ENV_VAR,
+                                  controller.DEFAULT_ENABLE_PREEMPTION_WATCHER) is False
+    assert ray_compat.PREEMPTION_WATCHER_ENV in constants.ENV_VARS_TO_PROPAGATE
+    # A user's own setting is kept.
+    monkeypatch.setenv(ray_compat.PREEMPTION_WATCHER_ENV, "1")
+    ray_compat.disable_preemption_watcher()
+    assert ray_constants.env_bool(ray_compat.PREEMPTION_WATCHER_ENV, False) is True
