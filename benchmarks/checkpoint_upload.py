@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from simsiam import config as C
+from simsiam.checkpoint import CHECKPOINT_FILE
 from simsiam.io import atomic_write_json
 
 
@@ -45,7 +46,7 @@ def checkpoint_dir(cfg: C.Config) -> str:
     loss.backward()
     opt.step()
     d = tempfile.mkdtemp(prefix="ckpt-bench-")
-    ckpt_io.save(Path(d) / "checkpoint.pt", ckpt_io.state(net, opt, 0, 1, cfg))
+    ckpt_io.save(Path(d) / CHECKPOINT_FILE, ckpt_io.state(net, opt, 0, 1, cfg))
     return d
 
 
@@ -71,7 +72,7 @@ def _loop(config: dict) -> None:
         t0 = time.perf_counter()
         time.sleep(config["work_s"])
         d = tempfile.mkdtemp(prefix="ckpt-")
-        shutil.copy(Path(config["src"]) / "checkpoint.pt", Path(d) / "checkpoint.pt")
+        shutil.copy(Path(config["src"]) / CHECKPOINT_FILE, Path(d) / CHECKPOINT_FILE)
         t1 = time.perf_counter()
         ray.train.report({"epoch": epoch}, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_upload_mode=mode)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             server.create_bucket(args.bucket)
         cfg = C.load(args.preset)
         src = checkpoint_dir(cfg)
-        size = os.path.getsize(Path(src) / "checkpoint.pt")
+        size = os.path.getsize(Path(src) / CHECKPOINT_FILE)
         up = upload_seconds(src, f"s3://{args.bucket}/upload", args.repeats)
         print(f"checkpoint {size / 1e6:.1f} MB, upload s: {[round(x, 3) for x in up]}", flush=True)
 
