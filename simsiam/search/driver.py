@@ -1,0 +1,116 @@
+"""Driving Tune: the experiment's place (local or object storage), the claim on an output directory,
+and :func:`fit`, which runs a new experiment or restores an unfinished one."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from simsiam import config as C
+from simsiam import io as sio
+from simsiam.io import atomic_write_text
+
+EXPERIMENT = "tune"
+SNAPSHOT_PERIOD_S = 5
+
+
+def trial_dirname(trial: Any) -> str:
+    """Short, stable trial directories (the trial id) instead of Tune's parameter-laden names."""
+    return str(trial.trial_id)
+
+
+def experiment_root(out_dir: str | os.PathLike, storage_path: str, name: str) -> str:
+    """Where a search's or an ablation's Tune experiment (``<root>/tune``: trials, their checkpoints,
+    the searcher's snapshots) lives: ``<run.storage_path>/<name>`` when that is set, keyed by ``name``
+    rather than by the --out-dir, so a driver on another machine finds it; else ``out_dir``."""
+    storage = storage_path.strip()
+    return sio.join(sio.absolute(storage), name) if storage else sio.absolute(out_dir)
+
+
+def claim_out_dir(out_dir: str | os.PathLike, filename: str, spec: Mapping[str, Any]) -> bool:
+    """Record what this experiment is (``spec``; its ``config``, if any, a full config dict) in
+    ``out_dir/filename``; True when the directory already holds the same experiment (a resume). A
+    different experiment there is a :class:`ConfigError`: resuming it with other settings would mix
+    two searches in one study."""
+    path = sio.join(sio.absolute(out_dir), filename)
+    want = json.loads(json.dumps(spec, sort_keys=True, default=str))
+    if sio.exists(path):
+        try:
+            have = json.loads(sio.read_text(path))
+        except ValueError:
+            have = None
+        if isinstance(have, dict) and isinstance(have.get("config"), dict):
+            # Read the stored config with today's code, so fields added since (at their defaults) match.
+            try:
+                have["config"] = json.loads(json.dumps(C.from_dict(have["config"]).to_dict(), sort_keys=True,
+                                                       default=str))
+            except C.ConfigError:
+                pass
+        if have != want:
+            diff = sorted(k for k in set(want) | set(have or {}) if (have or {}).get(k) != want.get(k))
+            raise C.ConfigError(f"{out_dir} already holds a different experiment ({filename} differs in: "
+                                f"{', '.join(diff) or 'format'}); rerun with the same arguments to resume it, "
+                                "or choose another --out-dir")
+        return True
+    atomic_write_text(path, json.dumps(want, indent=2, sort_keys=True) + "\n")
+    return False
+
+
+class _env:
+    """Set environment variables for the duration of a block, then restore them."""
+
+    def __init__(self, **values: str):
+        self.values, self.saved = values, {}
+
+    def __enter__(self) -> None:
+        for k, v in self.values.items():
+            self.saved[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc: Any) -> None:
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def fit(out_dir: str | os.PathLike, trainable: Any, tune_config: Callable[[], Any],
+        param_space: Mapping[str, Any] | None = None, strict_metrics: bool = True,
+        callbacks: Sequence[Any] = ()) -> tuple[Any, bool]:
+    """Run the experiment ``out_dir/tune`` (``out_dir``: a local directory or an s3://, gs:// URI) to the
+    end, restoring it if a previous driver left it
+    unfinished (finished and errored trials are kept as they are; unfinished ones continue, their
+    TorchTrainers resuming from their own checkpoints). Returns (ResultGrid, resumed).
+
+    ``tune_config`` is called only for a new experiment: a restored one keeps its pickled searcher and
+    scheduler state, and building a fresh searcher would enqueue its first points in the study again.
+
+    ``strict_metrics=False`` lets per-epoch results lack the final objective and the final result
+    lack the epoch (Tune otherwise insists every result carry every metric its searcher and scheduler use).
+    ``callbacks``: more Tune callbacks (the console's trial lines); a restored experiment keeps those it
+    was started with (Tune pickles them with the experiment)."""
+    import ray.tune
+
+    from simsiam.tune_plugins import ReleaseStoppedTrials
+
+    root = sio.absolute(out_dir)
+    exp = sio.join(root, EXPERIMENT)
+    # Tune snapshots the experiment at most every 10 s, and less often as the snapshot grows; a driver
+    # killed in between would run a just-finished trial again. A fixed short period keeps that window small.
+    env = {"TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_PERIOD_S))}
+    if not strict_metrics:
+        env["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    with _env(**env):
+        if ray.tune.Tuner.can_restore(exp):
+            tuner = ray.tune.Tuner.restore(exp, trainable, resume_unfinished=True, resume_errored=False)
+            resumed = True
+        else:
+            tuner = ray.tune.Tuner(
+                trainable, param_space=dict(param_space or {}), tune_config=tune_config(),
+                run_config=ray.tune.RunConfig(name=EXPERIMENT, storage_path=root,
+                                              failure_config=ray.tune.FailureConfig(max_failures=0),
+                                              callbacks=[ReleaseStoppedTrials(), *callbacks]))
+            resumed = False
+        return tuner.fit(), resumed
