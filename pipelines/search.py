@@ -178,8 +178,9 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
 
     trainable = S.make_trainable(cfg, train_path, eval_path, sio.join(tune_exp, "runs"))
     lines = TrialLines(cfg.train.epochs, lambda m, err: S.classify(m, err, cfg.train.epochs), space.names, trials)
-    with S._env(**{S.JOURNAL_ENV: str(journal)}):  # where a restored searcher finds the study (tune_plugins)
-        grid, resumed = S.fit(root, trainable, tune_config, strict_metrics=False, callbacks=[lines])
+    # JOURNAL_ENV: where a restored searcher finds the study (tune_plugins).
+    grid, resumed = S.fit(root, trainable, tune_config, strict_metrics=False, callbacks=[lines],
+                          env={S.JOURNAL_ENV: str(journal)})
     records = S.collect_results(grid, cfg.train.epochs)
     release = S.wait_for_release(total)
     summary = write_outputs(base, space, records, out, exp, resumed, release, time.time() - t0, asha, tune_exp)

@@ -224,7 +224,11 @@ class Config:
 # --------------------------------------------------------------------------- validation
 
 
-def _check_value(path: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
+def check_value(path: str, value: Any, tp: Any, meta: Mapping[str, Any]) -> Any:
+    """``value`` checked as the field ``path`` of Python type ``tp`` with the rules ``meta`` (a field's
+    metadata: ``choices``, ``ge``/``gt``/``le``/``lt``) and normalised (1e6 -> 1000000 for an int, an int ->
+    float for a float); :class:`ConfigError` naming ``path`` otherwise. Rules spanning fields are
+    :func:`validate`'s."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
@@ -267,7 +271,7 @@ def _validate_node(node: Any, prefix: str) -> None:
                 raise ConfigError(f"{path}: expected a section, got {value!r}")
             _validate_node(value, path + ".")
         else:
-            object.__setattr__(node, f.name, _check_value(path, value, tp, f.metadata))
+            object.__setattr__(node, f.name, check_value(path, value, tp, f.metadata))
 
 
 def validate(cfg: Config) -> Config:
@@ -293,12 +297,15 @@ def validate(cfg: Config) -> Config:
 # --------------------------------------------------------------------------- loading
 
 
-def _known_keys(tp: type, prefix: str = "") -> list[str]:
+def known_keys(tp: type | None = None, prefix: str = "") -> list[str]:
+    """Every field's dotted name under the config section ``tp`` (default: the whole :class:`Config`),
+    each prefixed with ``prefix``; for "did you mean" hints and checks that a name exists."""
+    tp = Config if tp is None else tp
     out = []
     hints = typing.get_type_hints(tp)
     for f in dataclasses.fields(tp):
         if dataclasses.is_dataclass(hints[f.name]):
-            out += _known_keys(hints[f.name], f"{prefix}{f.name}.")
+            out += known_keys(hints[f.name], f"{prefix}{f.name}.")
         else:
             out.append(prefix + f.name)
     return out
@@ -312,7 +319,7 @@ def _build(tp: type, data: Mapping[str, Any], prefix: str) -> Any:
     for key in data:
         if key not in names:
             import difflib
-            close = difflib.get_close_matches(f"{prefix}{key}", _known_keys(Config), n=3)
+            close = difflib.get_close_matches(f"{prefix}{key}", known_keys(), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(sorted(names))}"
             raise ConfigError(f"{prefix}{key}: unknown config key{hint}")
     kwargs = {}
@@ -349,7 +356,7 @@ def _set_dotted(d: dict, key: str, value: Any) -> None:
         node = node[part]
     if not isinstance(node, dict) or parts[-1] not in node:
         import difflib
-        close = difflib.get_close_matches(key, _known_keys(Config), n=3)
+        close = difflib.get_close_matches(key, known_keys(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"{key}: unknown config key in override{hint}")
     if isinstance(value, str) and not isinstance(node[parts[-1]], str):

@@ -83,7 +83,7 @@ class LinkedOptunaSearch(OptunaSearch):
         self._report_knn(trial_id, result)
 
     def _report_knn(self, trial_id: str, result: dict) -> None:
-        knn, epoch = S._num(result.get(S.ASHA_METRIC)), result.get(S.TIME_ATTR)
+        knn, epoch = S.finite_number(result.get(S.ASHA_METRIC)), result.get(S.TIME_ATTR)
         ot = self._ot_trials.get(trial_id)
         reported = self.__dict__.setdefault("_reported", set())
         if ot is None or knn is None or epoch is None or (trial_id, int(epoch)) in reported:

@@ -121,7 +121,7 @@ def test_study_plots_wait_for_enough_trials_and_history_shows_stopped_trials(tmp
     two = S.plot_study(study, tmp_path / "p")
     assert Path(two["optimization_history"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert two["param_importances"].startswith("skipped: not enough finished trials (1 finished, 1 stopped")
-    fig = S._history_figure(study)
+    fig = S.history_figure(study)
     lines = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in fig.axes[0].lines}
     assert lines["finished: linear_top1 (1)"] == ([0], [40.0])
     assert lines["stopped by ASHA: last kNN top-1 (1)"] == ([1], [31.5])

@@ -78,7 +78,7 @@ class _env:
 
 def fit(out_dir: str | os.PathLike, trainable: Any, tune_config: Callable[[], Any],
         param_space: Mapping[str, Any] | None = None, strict_metrics: bool = True,
-        callbacks: Sequence[Any] = ()) -> tuple[Any, bool]:
+        callbacks: Sequence[Any] = (), env: Mapping[str, str] | None = None) -> tuple[Any, bool]:
     """Run the experiment ``out_dir/tune`` (``out_dir``: a local directory or an s3://, gs:// URI) to the
     end, restoring it if a previous driver left it
     unfinished (finished and errored trials are kept as they are; unfinished ones continue, their
@@ -90,7 +90,8 @@ def fit(out_dir: str | os.PathLike, trainable: Any, tune_config: Callable[[], An
     ``strict_metrics=False`` lets per-epoch results lack the final objective and the final result
     lack the epoch (Tune otherwise insists every result carry every metric its searcher and scheduler use).
     ``callbacks``: more Tune callbacks (the console's trial lines); a restored experiment keeps those it
-    was started with (Tune pickles them with the experiment)."""
+    was started with (Tune pickles them with the experiment). ``env``: more environment variables set
+    for the duration of the fit (the driver and the searcher it restores read them)."""
     import ray.tune
 
     from simsiam.tune_plugins import ReleaseStoppedTrials
@@ -99,7 +100,8 @@ def fit(out_dir: str | os.PathLike, trainable: Any, tune_config: Callable[[], An
     exp = sio.join(root, EXPERIMENT)
     # Tune snapshots the experiment at most every 10 s, and less often as the snapshot grows; a driver
     # killed in between would run a just-finished trial again. A fixed short period keeps that window small.
-    env = {"TUNE_GLOBAL_CHECKPOINT_S": os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_PERIOD_S))}
+    snapshot_s = os.environ.get("TUNE_GLOBAL_CHECKPOINT_S", str(SNAPSHOT_PERIOD_S))
+    env = {**(env or {}), "TUNE_GLOBAL_CHECKPOINT_S": snapshot_s}
     if not strict_metrics:
         env["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     with _env(**env):

@@ -94,7 +94,7 @@ MIN_FOR_HISTORY = 2      # trials with a value (finished, or stopped with a kNN)
 MIN_FOR_IMPORTANCE = 4   # finished trials before parameter importances mean anything
 
 
-def _history_figure(study: Any) -> Any:
+def history_figure(study: Any) -> Any:
     """Optimisation history: each finished trial's objective with the best so far, and each trial ASHA
     stopped at its last kNN top-1 (its last intermediate value), marked apart."""
     import matplotlib.pyplot as plt
@@ -145,7 +145,7 @@ def plot_study(study: Any, out_dir: str | os.PathLike) -> dict[str, str]:
     done = {}
     for name, enough, need, draw in (
             ("optimization_history", n_done + n_stopped >= MIN_FOR_HISTORY,
-             f"needs {MIN_FOR_HISTORY} with a value", lambda: _history_figure(study)),
+             f"needs {MIN_FOR_HISTORY} with a value", lambda: history_figure(study)),
             ("param_importances", n_done >= MIN_FOR_IMPORTANCE, f"needs {MIN_FOR_IMPORTANCE} finished",
              lambda: ovm.plot_param_importances(study))):
         path = out / f"{name}.png"

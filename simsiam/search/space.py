@@ -105,7 +105,7 @@ def field_spec(name: str) -> tuple[Any, Mapping[str, Any]]:
             return hints[part], fields[part].metadata
         tp = hints[part]
     import difflib
-    close = difflib.get_close_matches(name, C._known_keys(C.Config), n=3)
+    close = difflib.get_close_matches(name, C.known_keys(), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else " ('simsiam config --list' lists every field)"
     raise C.ConfigError(f"{name}: unknown config field{hint}")
 
@@ -150,7 +150,7 @@ def _parse_param(src: str, name: str, spec: Any) -> Param:
         checked = []
         for v in values:
             try:
-                checked.append(C._check_value(name, v, tp, meta))
+                checked.append(C.check_value(name, v, tp, meta))
             except C.ConfigError as e:
                 raise SpaceError(f"{src}: {name}.values: {e}") from None
         return Param(name, dist, values=tuple(checked))
@@ -177,7 +177,7 @@ def _parse_param(src: str, name: str, spec: Any) -> Param:
         raise SpaceError(f"{src}: {name}: bad range for {dist}, low must be > 0, got {low!r}")
     for key, v in (("low", low), ("high", high)):
         try:
-            C._check_value(name, v, tp, meta)
+            C.check_value(name, v, tp, meta)
         except C.ConfigError as e:
             raise SpaceError(f"{src}: {name}.{key}: {e}") from None
     return Param(name, dist, low=low, high=high, step=step)
@@ -197,7 +197,7 @@ def _check_point(src: str, i: int, point: Any, params: Mapping[str, Param]) -> d
         p = params[name]
         tp, meta = field_spec(name)
         try:
-            value = out[name] = C._check_value(name, value, tp, meta)
+            value = out[name] = C.check_value(name, value, tp, meta)
         except C.ConfigError as e:
             raise SpaceError(f"{src}: points_to_evaluate[{i}]: {e}") from None
         # Numeric points may lie outside [low, high] on purpose (to probe a known-bad region);

@@ -181,7 +181,9 @@ def classify(metrics: Mapping[str, Any], error: Any, epochs: int) -> tuple[str, 
     return "failed", "the trial ended without a final report"
 
 
-def _num(v: Any) -> float | None:
+def finite_number(v: Any) -> float | None:
+    """``v`` as a float when it is a finite int or float (not a bool), else None: a metric Tune may
+    hand back as NaN, missing or of another type."""
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
@@ -198,13 +200,13 @@ def record_from_result(trial_id: str, metrics: Mapping[str, Any], config: Mappin
         trial_id=trial_id,
         status=status,
         reason=reason,
-        objective=_num(metrics.get(OBJECTIVE)) if final else None,
-        linear_top5=_num(metrics.get("linear_top5")) if final else None,
+        objective=finite_number(metrics.get(OBJECTIVE)) if final else None,
+        linear_top5=finite_number(metrics.get("linear_top5")) if final else None,
         epochs_completed=int(metrics.get("epochs_completed", metrics.get(TIME_ATTR, 0)) or 0),
         steps=int(metrics.get("steps", metrics.get("step", 0)) or 0),
-        knn_top1=_num(metrics.get("final_knn_top1" if final else ASHA_METRIC)),
-        collapse_std=_num(metrics.get("final_collapse_std" if final else "collapse_std")),
-        effective_rank=_num(metrics.get("final_effective_rank" if final else "effective_rank")),
+        knn_top1=finite_number(metrics.get("final_knn_top1" if final else ASHA_METRIC)),
+        collapse_std=finite_number(metrics.get("final_collapse_std" if final else "collapse_std")),
+        effective_rank=finite_number(metrics.get("final_effective_rank" if final else "effective_rank")),
         params={k: v for k, v in config.items() if "." in k},
         config=dict(config),
         history=history,
