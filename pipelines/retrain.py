@@ -3,7 +3,7 @@
     simsiam retrain [CONFIG] --registry DIR [--set k=v ...] [--address ADDR] [--force] [--dry-run]
     python -m pipelines.retrain [same arguments]
 
-Each run, under an exclusive lock on the registry DIR (see simsiam/registry.py for its layout):
+Each run, under an exclusive lock on the registry DIR (see simsiam/registry/ for its layout):
 
 1. finds the shards under ``data.path`` (a directory of datasets converted with ``simsiam data convert``,
    e.g. one per day, searched recursively; ``builtin:digits`` = its train split) that the manifest does
@@ -72,7 +72,7 @@ def build_parser(prog: str = "python -m pipelines.retrain") -> argparse.Argument
                    help="preset name (sample, cifar10, imagenet) or a YAML file (default: sample)")
     p.add_argument("--registry", required=True, metavar="DIR",
                    help="the model registry, created on first use: a local directory, a mounted volume, or an "
-                        "s3:// prefix (lease + compare-and-swap pointer; see simsiam/registry.py)")
+                        "s3:// prefix (lease + compare-and-swap pointer; see simsiam/registry/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set retrain.margin=1.0 or --set data.path=/data/incoming "
                         "(repeatable); 'simsiam config --list' lists every field")

@@ -1,4 +1,4 @@
-"""Scheduled retraining (pipelines/retrain.py, simsiam/registry.py) on a real local Ray cluster.
+"""Scheduled retraining (pipelines/retrain.py, simsiam/registry/) on a real local Ray cluster.
 
 The source of new data is a directory of datasets converted from chunks of the digits train split
 (one per "day"); the held-out set is the built-in test split and the linear classifier is always
