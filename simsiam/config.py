@@ -65,7 +65,7 @@ class ModelConfig:
     proj_hidden_dim: int = _f(0, "hidden width of the projector; 0 = same as dim", ge=0)
     dim: int = _f(2048, "output width d of projector and predictor", ge=2)
     pred_dim: int = _f(512, "predictor bottleneck width (paper: d/4)", ge=1)
-    bn: str = _f("default", "BN placement in the MLPs (paper's Table 4)",
+    bn: str = _f("default", "BN placement in the MLPs (paper's Table 3)",
                  choices=("none", "hidden", "default", "pred_output"))
     predictor: str = _f("learned", "predictor h: learned, none (identity), fixed (frozen at init)",
                         choices=("learned", "none", "fixed"))

@@ -47,12 +47,6 @@ class Param:
         return D.FloatDistribution(float(self.low), float(self.high), log=self.distribution == "loguniform",
                                    step=self.step)
 
-    def describe(self) -> str:
-        if self.distribution == "choice":
-            return f"choice {list(self.values)}"
-        step = f" step {self.step}" if self.step else ""
-        return f"{self.distribution} [{self.low}, {self.high}]{step}"
-
 
 @dataclass(frozen=True)
 class SearchSpace:

@@ -1,6 +1,8 @@
 """The trial: a Tune *function* that runs pretraining as a TorchTrainer (its per-epoch reports reach
 Tune through ``TuneReportCallback``, so ASHA sees the kNN monitor each epoch, keyed by the ``epoch`` we
-report), then linear evaluation, and reports the final result with ``status`` and ``linear_top1``;
+report), then linear evaluation of the frozen backbone (with the cached protocol inside the same
+workers after the last epoch, else a TorchTrainer of its own: :func:`simsiam.evaluate.linear_eval`),
+and reports the final result with ``status`` and ``linear_top1``;
 and its outcome read back from Tune (:func:`classify`, :class:`TrialRecord`).
 
 Each trial trains under its own run name (the Tune trial id) in ``<experiment>/runs``, so a trial
