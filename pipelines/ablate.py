@@ -86,21 +86,14 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
     train_path, eval_path = data.train_path, data.eval_path
     grid = A.build_grid(cfg, pairs, data.train_rows)
     spec = {"config": base.to_dict(), "runs": grid.runs, "seeds": seed_list, "collapse_guard": bool(guard)}
-    S.claim_out_dir(out, "ablate.json", spec)
-    root = S.experiment_root(out, cfg.run.storage_path, f"ablate-{base.run.name}")  # resumable from there
-    if root != str(out):
-        S.claim_out_dir(root, "ablate.json", spec)
+    # Under run.storage_path when that is set, so the study resumes from there on any machine.
+    root = S.claim_experiment(out, cfg.run.storage_path, f"ablate-{base.run.name}", "ablate.json", spec)
 
-    import ray
     import ray.tune
 
-    from simsiam.ray_utils import init_ray
     from simsiam.trial_console import TrialLines
 
-    console.say("connecting to Ray" if (address or os.environ.get("RAY_ADDRESS")) else "starting a local Ray cluster")
-    where = init_ray(address)
-    total = ray.cluster_resources()
-    concurrency = S.derive_concurrency(cfg, total, max_concurrent)
+    where, total, concurrency = S.connect(cfg, address, max_concurrent)
     console.say(f"ablate: {len(grid.rows)} variants as {len(grid.runs)} distinct runs x {seeds} seed(s) on "
                 f"{where}; {concurrency} at a time; out {out}")
 
@@ -135,9 +128,6 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipelines.ablate") -> int:
-    from simsiam import console
-    from simsiam.data.schema import DataError
-
     args = build_parser(prog).parse_args(argv)
     try:
         base = C.load(args.config, args.overrides)
@@ -146,22 +136,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.ablate"
         print(f"config error: {e}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir or os.path.join("runs", f"ablate-{base.run.name}")).resolve()
-    with console.session(out_dir, verbose=args.verbose) as log:
-        console.say(f"ablate '{base.run.name}' -> {out_dir} "
-                    + ("(--verbose: Ray's output on the console)" if args.verbose else f"(Ray's output: {log})"))
-        try:
-            summary = run_ablations(base, args.study, args.variant, args.seeds, out_dir, guard=args.collapse_guard,
-                                    max_concurrent=args.max_concurrent, address=args.address)
-        except (C.ConfigError, DataError) as e:
-            console.error(str(e))
-            return 2
-        except Exception as e:  # noqa: BLE001 - one line here, the traceback in the log
-            console.error(f"{console.one_line(e)} (traceback in {console.log_exception(e)})")
-            return 1
-        console.say(f"ablations done: {summary['runs']} runs {summary['by_status']}, wall {summary['wall_s']:.0f} s; "
-                    f"{summary['markdown']}")
-    failed = summary["by_status"].get("failed", 0) + summary["by_status"].get("missing", 0)
-    return 0 if failed == 0 else 1
+
+    def work() -> dict:
+        return run_ablations(base, args.study, args.variant, args.seeds, out_dir, guard=args.collapse_guard,
+                             max_concurrent=args.max_concurrent, address=args.address)
+
+    def done(summary: dict) -> tuple[str, int]:
+        failed = summary["by_status"].get("failed", 0) + summary["by_status"].get("missing", 0)
+        return (f"ablations done: {summary['runs']} runs {summary['by_status']}, wall {summary['wall_s']:.0f} s; "
+                f"{summary['markdown']}", 0 if failed == 0 else 1)
+
+    return S.run_command("ablate", base.run.name, out_dir, args.verbose, work, done)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
     python -m pipelines.search [same arguments]
 
 Each trial is a Tune function that pretrains (a TorchTrainer), then linear-evaluates the frozen
-backbone (a second TorchTrainer), and reports the linear top-1 as the objective. ASHA compares trials
+backbone (with eval.linear.protocol=cached inside the same workers after the last epoch, with full a
+second TorchTrainer), and reports the linear top-1 as the objective. ASHA compares trials
 on the kNN monitor (the search sets train.knn_every=1) from a quarter of the epochs on (its grace
 period, printed at the start; --grace-epochs to change) and stops the weak ones; the
 collapse guard stops collapsed runs inside the workers. Collapsed, diverged and crashed trials are
@@ -85,12 +86,6 @@ def default_grace(epochs: int) -> int:
     return max(1, math.ceil(epochs / 4))
 
 
-def asha_rungs(scheduler: Any) -> list[int]:
-    """The epochs at which ASHA compares trials ([] for FIFO)."""
-    brackets = getattr(scheduler, "_brackets", None)
-    return sorted(int(m) for m, _ in brackets[0]._rungs) if brackets else []
-
-
 def make_scheduler(epochs: int, grace: int, reduction_factor: float):
     """ASHA on the per-epoch kNN top-1 with our own ``epoch`` as the time attribute; FIFO when the
     runs are too short for any rung. No rung sits at the last epoch (max_t = epochs - 1 and trials are
@@ -103,6 +98,23 @@ def make_scheduler(epochs: int, grace: int, reduction_factor: float):
                          grace_period=grace, reduction_factor=reduction_factor, stop_last_trials=False)
 
 
+def asha_plan(epochs: int, grace: int | None, reduction_factor: float) -> tuple[Any, dict]:
+    """ASHA for trials of ``epochs`` (:func:`make_scheduler`; ``grace`` None = :func:`default_grace`),
+    said on the console; returns (scheduler, its description for summary.json)."""
+    from simsiam import console
+    from simsiam.ray_compat import asha_rungs
+
+    grace_from = "given" if grace is not None else "a quarter of the epochs, rounded up"
+    grace = default_grace(epochs) if grace is None else grace
+    scheduler = make_scheduler(epochs, grace, reduction_factor)
+    rungs = asha_rungs(scheduler)
+    console.say(f"ASHA: grace {grace} of {epochs} epochs ({grace_from}); "
+                + (f"compares trials on kNN top-1 at epoch(s) {', '.join(map(str, rungs))}, keeping the top "
+                   f"1/{reduction_factor:g}" if rungs else "no rung fits: every trial runs all its epochs"))
+    return scheduler, {"grace_epochs": grace, "grace_from": grace_from, "reduction_factor": reduction_factor,
+                       "rungs": rungs}
+
+
 def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str | os.PathLike, seed: int = 0,
                max_concurrent: int | None = None, grace: int | None = None, reduction_factor: float = 2.0,
                address: str | None = None) -> dict:
@@ -113,61 +125,38 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
 
     if trials < 1:
         raise C.ConfigError(f"--trials: must be >= 1, got {trials}")
-    grace_from = "given" if grace is not None else "a quarter of the epochs, rounded up"
-    grace = default_grace(base.train.epochs) if grace is None else grace
-    if grace < 1 or reduction_factor <= 1:
-        raise C.ConfigError(f"--grace-epochs must be >= 1 and --reduction-factor > 1, got {grace}, {reduction_factor}")
+    grace_epochs = default_grace(base.train.epochs) if grace is None else grace
+    if grace_epochs < 1 or reduction_factor <= 1:
+        raise C.ConfigError(f"--grace-epochs must be >= 1 and --reduction-factor > 1, got {grace_epochs}, "
+                            f"{reduction_factor}")
     t0 = time.time()
     out = Path(out_dir).resolve()
     cfg = search_config(base)
     S.check_space_against(space, cfg)
     spec = {"config": base.to_dict(), "space": space.to_dict(), "trials": trials, "seed": seed,
-            "grace_epochs": grace, "reduction_factor": reduction_factor}
-    S.claim_out_dir(out, "search.json", spec)
+            "grace_epochs": grace_epochs, "reduction_factor": reduction_factor}
     # With run.storage_path, the Tune experiment (trials, checkpoints, searcher snapshots) and a published
     # copy of the Optuna journal live there, keyed by the run name, so a driver on another machine (any
     # --out-dir) resumes the search from object storage alone. The journal itself is worked on locally.
-    root = S.experiment_root(out, cfg.run.storage_path, f"search-{base.run.name}")
-    remote = root != str(out)
-    if remote:
-        S.claim_out_dir(root, "search.json", spec)
+    root = S.claim_experiment(out, cfg.run.storage_path, f"search-{base.run.name}", "search.json", spec)
     exp, journal = out / S.EXPERIMENT, out / S.EXPERIMENT / S.STUDY_FILE
     tune_exp = sio.join(root, S.EXPERIMENT)
-    journal_copy = sio.join(tune_exp, S.STUDY_FILE) if remote else ""
+    journal_copy = sio.join(tune_exp, S.STUDY_FILE) if root != str(out) else ""
     data = preflight(cfg.data)  # bad data fails here, before any Ray process starts
     for w in data.warnings:
         console.warn(w)
-    train_path, eval_path = data.train_path, data.eval_path
 
-    import ray
     import ray.tune
 
-    from simsiam.ray_utils import init_ray
     from simsiam.trial_console import TrialLines
 
-    console.say("connecting to Ray" if (address or os.environ.get("RAY_ADDRESS")) else "starting a local Ray cluster")
-    where = init_ray(address)
-    total = ray.cluster_resources()
-    concurrency = S.derive_concurrency(cfg, total, max_concurrent)
+    where, total, concurrency = S.connect(cfg, address, max_concurrent)
     console.say(f"search: {trials} trials over {', '.join(space.names)} on {where}; {concurrency} at a time; "
                 f"out {out}")
-
     exp.mkdir(parents=True, exist_ok=True)
-    if not ray.tune.Tuner.can_restore(tune_exp):
-        # A driver killed before Tune's first experiment snapshot leaves an Optuna study no Tune
-        # experiment knows about; starting afresh, its asked-but-orphaned trials would only mislead TPE.
-        journal.unlink(missing_ok=True)
-        if journal_copy:
-            sio.remove(journal_copy)
-    elif journal_copy and S.fetch_journal(journal_copy, journal):
+    if S.reset_or_fetch_journal(ray.tune.Tuner.can_restore(tune_exp), journal, journal_copy):
         console.say(f"resuming the search from {tune_exp}: Optuna journal fetched from {journal_copy}")
-
-    scheduler = make_scheduler(cfg.train.epochs, grace, reduction_factor)
-    rungs = asha_rungs(scheduler)
-    asha = {"grace_epochs": grace, "grace_from": grace_from, "reduction_factor": reduction_factor, "rungs": rungs}
-    console.say(f"ASHA: grace {grace} of {cfg.train.epochs} epochs ({grace_from}); "
-                + (f"compares trials on kNN top-1 at epoch(s) {', '.join(map(str, rungs))}, keeping the top "
-                   f"1/{reduction_factor:g}" if rungs else "no rung fits: every trial runs all its epochs"))
+    scheduler, asha = asha_plan(cfg.train.epochs, grace, reduction_factor)
 
     def tune_config():
         return ray.tune.TuneConfig(
@@ -176,7 +165,7 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
             scheduler=scheduler,
             num_samples=trials, max_concurrent_trials=concurrency, trial_dirname_creator=S.trial_dirname)
 
-    trainable = S.make_trainable(cfg, train_path, eval_path, sio.join(tune_exp, "runs"))
+    trainable = S.make_trainable(cfg, data.train_path, data.eval_path, sio.join(tune_exp, "runs"))
     lines = TrialLines(cfg.train.epochs, lambda m, err: S.classify(m, err, cfg.train.epochs), space.names, trials)
     # JOURNAL_ENV: where a restored searcher finds the study (tune_plugins).
     grid, resumed = S.fit(root, trainable, tune_config, strict_metrics=False, callbacks=[lines],
@@ -244,9 +233,6 @@ def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRec
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipelines.search") -> int:
-    from simsiam import console
-    from simsiam.data.schema import DataError
-
     args = build_parser(prog).parse_args(argv)
     try:
         base = C.load(args.config, args.overrides)
@@ -255,23 +241,17 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.search"
         print(f"config error: {e}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir or os.path.join("runs", f"search-{base.run.name}")).resolve()
-    with console.session(out_dir, verbose=args.verbose) as log:
-        console.say(f"search '{base.run.name}' -> {out_dir} "
-                    + ("(--verbose: Ray's output on the console)" if args.verbose else f"(Ray's output: {log})"))
-        try:
-            summary = run_search(base, space, args.trials, out_dir, seed=args.seed, max_concurrent=args.max_concurrent,
-                                 grace=args.grace_epochs, reduction_factor=args.reduction_factor,
-                                 address=args.address)
-        except (C.ConfigError, DataError) as e:
-            console.error(str(e))
-            return 2
-        except Exception as e:  # noqa: BLE001 - one line here, the traceback in the log
-            console.error(f"{console.one_line(e)} (traceback in {console.log_exception(e)})")
-            return 1
+
+    def work() -> dict:
+        return run_search(base, space, args.trials, out_dir, seed=args.seed, max_concurrent=args.max_concurrent,
+                          grace=args.grace_epochs, reduction_factor=args.reduction_factor, address=args.address)
+
+    def done(summary: dict) -> tuple[str, int]:
         counts = ", ".join(f"{n} {s}" for s, n in summary["by_status"].items() if n)
-        console.say(f"search done: {summary['trials']} trials ({counts}), wall {summary['wall_s']:.0f} s; "
-                    f"table {summary['table']}")
-    return 0 if summary["best"] is not None else 1
+        return (f"search done: {summary['trials']} trials ({counts}), wall {summary['wall_s']:.0f} s; "
+                f"table {summary['table']}", 0 if summary["best"] is not None else 1)
+
+    return S.run_command("search", base.run.name, out_dir, args.verbose, work, done)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ first, then revisit each section below (a workaround may no longer be needed, or
 
 Importing this module warns (:class:`RayVersionWarning`) when the installed Ray is not 2.60.
 
-Sections: version pin; Ray Data; Ray Train.
+Sections: version pin; Ray Data; Ray Train; Ray Tune (placement groups of stopped trials, ASHA's rungs).
 
 Keep this module free of torch: Ray Data's worker processes import it (through
 ``simsiam.data.batches``), and torch costs seconds of start-up per process.
@@ -105,3 +105,46 @@ def disable_preemption_watcher() -> None:
     ``ray.train.v2._internal.constants``), read by the controller and propagated to the workers.
     """
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
+
+
+# --------------------------------------------------------------------------- Ray Tune
+
+
+def orphaned_placement_groups() -> list:
+    """Placement groups still holding (or waiting for) resources whose creating actor is dead.
+
+    Works around: when Tune stops a trial (ASHA), the trial's actor is killed and its TorchTrainer's
+    controller actor with it; the controller created its workers' placement group, and Ray 2.60 ties a
+    non-detached group to its creator's job as well as its actor, so the group stays reserved until the
+    driver exits. Train's own PlacementGroupCleaner removes it, but finds the cluster through the state
+    API, which fails whenever two Ray instances run on one host ("Found multiple active Ray instances",
+    seen here), so the search driver checks too. Ray's public ``placement_group_table()`` omits the
+    creator, so this reads the GCS table through the private ``ray._private.state.state`` accessor and
+    ``gcs_pb2.PlacementGroupTableData`` (``creator_actor_id``, ``creator_actor_dead``, ``is_detached``).
+    Groups created by the driver itself (Tune's trial groups) have no creator actor and are never listed.
+    """
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup
+
+    data = gcs_pb2.PlacementGroupTableData
+    live = (data.PENDING, data.PREPARED, data.CREATED, data.RESCHEDULING)
+    nil = ray.ActorID.nil().binary()
+    out = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = data.FromString(raw)
+        if pg.state in live and not pg.is_detached and pg.creator_actor_dead and pg.creator_actor_id not in (b"", nil):
+            out.append(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+    return out
+
+
+def asha_rungs(scheduler: object) -> list[int]:
+    """The epochs (milestones of the time attribute) at which an ``ASHAScheduler`` compares trials;
+    [] for a scheduler without rungs (FIFO).
+
+    Works around: Ray 2.60's ASHAScheduler computes its rungs from grace period, max_t and reduction
+    factor but does not expose them; they sit in the private ``_brackets[0]._rungs`` as
+    (milestone, recorded) pairs. Read rather than recomputed, so the search prints the rungs Ray uses.
+    """
+    brackets = getattr(scheduler, "_brackets", None)
+    return sorted(int(m) for m, _ in brackets[0]._rungs) if brackets else []

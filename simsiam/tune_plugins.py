@@ -110,7 +110,7 @@ class LinkedOptunaSearch(OptunaSearch):
 class ReleaseStoppedTrials(Callback):
     """Tune callback (driver side): every ``interval_s`` while trials run, and whenever one ends,
     return the placement groups of TorchTrainers whose trial is gone (see
-    :func:`simsiam.search.orphaned_placement_groups`)."""
+    :func:`simsiam.ray_compat.orphaned_placement_groups`)."""
 
     def __init__(self, interval_s: float = 2.0):
         self.interval_s = interval_s

@@ -1,5 +1,6 @@
 """Each workaround in simsiam.ray_compat still works on the installed Ray (run these first after a Ray
-upgrade): the version pin, the Ray Data ones on a real local Ray cluster, the Ray Train ones."""
+upgrade): the version pin, the Ray Data ones on a real local Ray cluster, the Ray Train ones, and the
+Ray Tune ones (placement groups of stopped trials on a real local cluster, ASHA's rungs)."""
 from __future__ import annotations
 
 import warnings
@@ -11,6 +12,7 @@ import pytest
 import ray
 
 from simsiam import ray_compat
+from tests.conftest import released_within
 
 # --------------------------------------------------------------------------- version pin
 
@@ -96,3 +98,66 @@ def test_disable_preemption_watcher_sets_the_switch_ray_train_reads(monkeypatch)
     monkeypatch.setenv(ray_compat.PREEMPTION_WATCHER_ENV, "1")
     ray_compat.disable_preemption_watcher()
     assert ray_constants.env_bool(ray_compat.PREEMPTION_WATCHER_ENV, False) is True
+
+
+# --------------------------------------------------------------------------- Ray Tune
+
+
+def test_placement_groups_of_killed_creators_are_orphaned_and_reaped(ray_local):
+    """A group whose creating actor was killed (as a stopped trial's TorchTrainer controller is) is
+    listed, and the search's safety net removes it; groups of live creators and of the driver are left
+    alone. What it works around: Ray's public table does not say who created a group."""
+    import time
+
+    from ray.util import placement_group, placement_group_table, remove_placement_group
+
+    from simsiam import search as S
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self) -> str:
+            pg = placement_group([{"CPU": 0.5}])
+            ray.get(pg.ready())
+            return pg.id.hex()
+
+    doomed, alive = Creator.remote(), Creator.remote()
+    doomed_pg, alive_pg = ray.get(doomed.make.remote()), ray.get(alive.make.remote())
+    own = placement_group([{"CPU": 0.25}])
+    ray.get(own.ready())
+    assert not any("creator" in key for key in placement_group_table()[doomed_pg])
+    ray.kill(doomed)
+    deadline = time.time() + 20
+    while doomed_pg not in {p.id.hex() for p in ray_compat.orphaned_placement_groups()}:
+        assert time.time() < deadline, "the killed creator's group was never listed as orphaned"
+        time.sleep(0.3)
+    assert {p.id.hex() for p in ray_compat.orphaned_placement_groups()} == {doomed_pg}
+    assert S.reap_orphaned_placement_groups() == 1
+    table = placement_group_table()
+    assert table[doomed_pg]["state"] == "REMOVED"
+    assert table[alive_pg]["state"] == "CREATED" and table[own.id.hex()]["state"] == "CREATED"
+    ray.kill(alive)
+    remove_placement_group(own)
+    deadline = time.time() + 20
+    while S.reap_orphaned_placement_groups() == 0 and time.time() < deadline:
+        time.sleep(0.3)
+    assert released_within(ray.cluster_resources(), 10.0)
+
+
+def test_asha_rungs_are_the_milestones_asha_stops_trials_at():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+
+    sched = ASHAScheduler(time_attr="epoch", metric="knn", mode="max", max_t=14, grace_period=4,
+                          reduction_factor=2, stop_last_trials=False)
+    assert ray_compat.asha_rungs(sched) == [4, 8] and ray_compat.asha_rungs(FIFOScheduler()) == []
+
+    class Trial:  # what ASHA reads of a trial
+        def __init__(self, tid: str):
+            self.trial_id, self.config = tid, {}
+
+    # Behaviour behind the numbers: at rung 4 the weaker of two trials stops, at epoch 3 none does.
+    good, weak = Trial("good"), Trial("weak")
+    for t in (good, weak):
+        sched.on_trial_add(None, t)
+    assert sched.on_trial_result(None, weak, {"epoch": 3, "knn": 1.0}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, good, {"epoch": 4, "knn": 50.0}) == TrialScheduler.CONTINUE
+    assert sched.on_trial_result(None, weak, {"epoch": 4, "knn": 1.0}) == TrialScheduler.STOP

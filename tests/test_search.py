@@ -22,6 +22,7 @@ import yaml
 from simsiam import config as C
 from simsiam import io as sio
 from simsiam import search as S
+from tests.conftest import released_within
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -203,14 +204,15 @@ def test_trial_overrides_and_final_collapse():
 
 
 def test_asha_has_no_rung_at_the_last_epoch_and_its_grace_is_a_quarter_of_the_epochs():
-    from pipelines.search import asha_rungs, default_grace, make_scheduler
+    from pipelines.search import default_grace, make_scheduler
+    from simsiam.ray_compat import asha_rungs
 
     assert type(make_scheduler(1, 1, 2)).__name__ == "FIFOScheduler"
     assert [default_grace(e) for e in (1, 2, 4, 5, 15, 100, 800)] == [1, 1, 1, 2, 4, 25, 200]
     assert asha_rungs(make_scheduler(15, default_grace(15), 2)) == [4, 8] and asha_rungs(make_scheduler(1, 1, 2)) == []
     for epochs in (2, 3, 5, 9):
         sched = make_scheduler(epochs, 1, 2)
-        rungs = [m for m, _ in sched._brackets[0]._rungs]
+        rungs = asha_rungs(sched)
         assert rungs and max(rungs) < epochs, (epochs, rungs)
 
 
@@ -359,20 +361,6 @@ def _tensorboard_steps(logdir: Path, tag: str) -> list[int]:
     return sorted({e.step for e in acc.Scalars(tag)}) if tag in acc.Tags()["scalars"] else []
 
 
-def _released_within(total: dict, seconds: float) -> bool:
-    """Whether, within ``seconds``, no placement group holds resources and every CPU is free again
-    (public Ray API only: independent of the harness's own check)."""
-    from ray.util import placement_group_table
-
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        live = [p for p in placement_group_table().values() if p["state"] in ("CREATED", "PENDING", "RESCHEDULING")]
-        if not live and ray.available_resources().get("CPU", 0.0) >= total["CPU"] - 1e-6:
-            return True
-        time.sleep(0.5)
-    return False
-
-
 def _toy_trial(config: dict) -> None:
     """A trial shaped like run_trial, with a TorchTrainer whose 'kNN' is 100 x lr: which trial ASHA
     stops is known in advance, and it is stopped while its train worker is busy."""
@@ -429,7 +417,7 @@ def test_asha_stops_weak_trials_and_their_torchtrainers_release_everything(ray_l
     grid, resumed = S.fit(tmp_path, trainable, tune_config, strict_metrics=False,
                           param_space={"storage": str(tmp_path / "runs"), "flag": str(tmp_path / "rung1")})
     records = S.collect_results(grid, 3)
-    assert _released_within(ray.cluster_resources(), 15.0)  # during the run, not by the final sweep
+    assert released_within(ray.cluster_resources(), 15.0)  # during the run, not by the final sweep
     assert not resumed and len(records) == 2
     by_lr = {r.params["optim.base_lr"]: r for r in records}
     assert by_lr[0.01].status == "stopped_early", [(r.params, r.status, r.reason) for r in records]
@@ -451,42 +439,6 @@ def test_asha_stops_weak_trials_and_their_torchtrainers_release_everything(ray_l
     for lr_, reported in ((0.01, {1}), (0.5, {1, 2, 3})):
         logged = _tensorboard_steps(tmp_path / "runs" / by_lr[lr_].trial_id / "tensorboard", "epoch/knn_top1")
         assert reported <= set(logged), (lr_, logged)
-
-
-@pytest.mark.slow
-def test_placement_groups_of_killed_creators_are_reaped(ray_local):
-    """The safety net behind Train's own cleaner: a group whose creating actor was killed (as a stopped
-    trial's TorchTrainer controller is) is found and removed; groups of live creators and of the driver
-    are left alone."""
-    from ray.util import placement_group, placement_group_table, remove_placement_group
-
-    @ray.remote(num_cpus=0)
-    class Creator:
-        def make(self) -> str:
-            pg = placement_group([{"CPU": 0.5}])
-            ray.get(pg.ready())
-            return pg.id.hex()
-
-    doomed, alive = Creator.remote(), Creator.remote()
-    doomed_pg, alive_pg = ray.get(doomed.make.remote()), ray.get(alive.make.remote())
-    own = placement_group([{"CPU": 0.25}])
-    ray.get(own.ready())
-    ray.kill(doomed)
-    deadline = time.time() + 20
-    while doomed_pg not in {p.id.hex() for p in S.orphaned_placement_groups()}:
-        assert time.time() < deadline, "the killed creator's group was never listed as orphaned"
-        time.sleep(0.3)
-    assert {p.id.hex() for p in S.orphaned_placement_groups()} == {doomed_pg}
-    assert S.reap_orphaned_placement_groups() == 1
-    table = placement_group_table()
-    assert table[doomed_pg]["state"] == "REMOVED"
-    assert table[alive_pg]["state"] == "CREATED" and table[own.id.hex()]["state"] == "CREATED"
-    ray.kill(alive)
-    remove_placement_group(own)
-    deadline = time.time() + 20
-    while S.reap_orphaned_placement_groups() == 0 and time.time() < deadline:
-        time.sleep(0.3)
-    assert _released_within(ray.cluster_resources(), 10.0)
 
 
 @pytest.mark.slow

@@ -24,9 +24,12 @@ from typing import Any
 from simsiam.search.driver import (
     EXPERIMENT,
     SNAPSHOT_PERIOD_S,
+    claim_experiment,
     claim_out_dir,
+    connect,
     experiment_root,
     fit,
+    run_command,
     trial_dirname,
 )
 from simsiam.search.report import (
@@ -44,7 +47,6 @@ from simsiam.search.report import (
 from simsiam.search.resources import (
     TRIAL_CPU,
     derive_concurrency,
-    orphaned_placement_groups,
     reap_orphaned_placement_groups,
     trial_budget,
     wait_for_release,
@@ -70,6 +72,7 @@ from simsiam.search.study import (
     make_searcher,
     optuna_numbers,
     publish_journal,
+    reset_or_fetch_journal,
     study_storage,
 )
 from simsiam.search.trial import (
@@ -93,12 +96,13 @@ __all__ = [
     "ASHA_METRIC", "DISTRIBUTIONS", "EXPERIMENT", "JOURNAL_ENV", "MIN_FOR_HISTORY", "MIN_FOR_IMPORTANCE",
     "OBJECTIVE", "RESERVED", "SNAPSHOT_PERIOD_S", "STATUSES", "STUDY_FILE", "STUDY_NAME", "TABLE_COLUMNS",
     "TIME_ATTR", "TRIAL_CPU", "Param", "SearchSpace", "SpaceError", "TrialFailed", "TrialRecord", "best_record",
-    "check_space_against", "claim_out_dir", "classify", "collect_results", "derive_concurrency", "experiment_root",
-    "fail_orphaned_trials", "fetch_journal", "field_spec", "final_collapse", "finite_number", "fit", "format_table",
-    "history_figure", "load_space", "load_study", "make_searcher", "make_trainable", "optuna_numbers",
-    "orphaned_placement_groups", "parse_space", "plot_study", "publish_journal", "reap_orphaned_placement_groups",
-    "record_from_result", "run_trial", "study_storage", "table_rows", "trial_budget", "trial_dirname",
-    "trial_overrides", "wait_for_release", "write_best_config", "write_csv",
+    "check_space_against", "claim_experiment", "claim_out_dir", "classify", "collect_results", "connect",
+    "derive_concurrency", "experiment_root", "fail_orphaned_trials", "fetch_journal", "field_spec",
+    "final_collapse", "finite_number", "fit", "format_table", "history_figure", "load_space", "load_study",
+    "make_searcher", "make_trainable", "optuna_numbers", "parse_space", "plot_study", "publish_journal",
+    "reap_orphaned_placement_groups", "record_from_result", "reset_or_fetch_journal", "run_command", "run_trial",
+    "study_storage", "table_rows", "trial_budget", "trial_dirname", "trial_overrides", "wait_for_release",
+    "write_best_config", "write_csv",
 ]
 
 

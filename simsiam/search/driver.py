@@ -1,15 +1,18 @@
-"""Driving Tune: the experiment's place (local or object storage), the claim on an output directory,
-and :func:`fit`, which runs a new experiment or restores an unfinished one."""
+"""Driving an experiment (a search or an ablation study): its place (local or object storage) and
+the claim on it, the cluster it runs on, :func:`fit`, which runs a new Tune experiment or restores an
+unfinished one, and :func:`run_command`, the console shell of ``simsiam search`` and ``simsiam ablate``."""
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from simsiam import config as C
 from simsiam import io as sio
 from simsiam.io import atomic_write_text
+from simsiam.search.resources import derive_concurrency
 
 EXPERIMENT = "tune"
 SNAPSHOT_PERIOD_S = 5
@@ -55,6 +58,56 @@ def claim_out_dir(out_dir: str | os.PathLike, filename: str, spec: Mapping[str, 
         return True
     atomic_write_text(path, json.dumps(want, indent=2, sort_keys=True) + "\n")
     return False
+
+
+def claim_experiment(out_dir: str | os.PathLike, storage_path: str, name: str, filename: str,
+                     spec: Mapping[str, Any]) -> str:
+    """Claim ``out_dir`` for the experiment ``spec`` (:func:`claim_out_dir`) and, when it lives under
+    ``run.storage_path`` (:func:`experiment_root`), that place too; returns the experiment's root."""
+    claim_out_dir(out_dir, filename, spec)
+    root = experiment_root(out_dir, storage_path, name)
+    if root != sio.absolute(out_dir):
+        claim_out_dir(root, filename, spec)
+    return root
+
+
+def connect(cfg: C.Config, address: str | None, max_concurrent: int | None) -> tuple[str, dict, int]:
+    """Connect to the Ray cluster at ``address`` ($RAY_ADDRESS, else a new local one); returns (where,
+    its total resources, how many trials of ``cfg`` fit at once: :func:`derive_concurrency`)."""
+    import ray
+
+    from simsiam import console
+    from simsiam.ray_utils import init_ray
+
+    console.say("connecting to Ray" if (address or os.environ.get("RAY_ADDRESS")) else "starting a local Ray cluster")
+    where = init_ray(address)
+    total = ray.cluster_resources()
+    return where, total, derive_concurrency(cfg, total, max_concurrent)
+
+
+def run_command(kind: str, run_name: str, out_dir: Path, verbose: bool, work: Callable[[], dict],
+                done: Callable[[dict], tuple[str, int]]) -> int:
+    """The console shell of ``simsiam search`` and ``simsiam ablate``: a console session on ``out_dir``
+    (Ray's output to its ray.log unless ``verbose``) with ``work()`` run inside it. A config or data
+    error is one line and exit code 2, any other error one line (the traceback in the log) and 1; else
+    ``done(summary)`` gives the closing line and the exit code."""
+    from simsiam import console
+    from simsiam.data.schema import DataError
+
+    with console.session(out_dir, verbose=verbose) as log:
+        console.say(f"{kind} '{run_name}' -> {out_dir} "
+                    + ("(--verbose: Ray's output on the console)" if verbose else f"(Ray's output: {log})"))
+        try:
+            summary = work()
+        except (C.ConfigError, DataError) as e:
+            console.error(str(e))
+            return 2
+        except Exception as e:  # noqa: BLE001 - one line here, the traceback in the log
+            console.error(f"{console.one_line(e)} (traceback in {console.log_exception(e)})")
+            return 1
+        line, code = done(summary)
+        console.say(line)
+    return code
 
 
 class _env:

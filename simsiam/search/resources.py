@@ -45,37 +45,14 @@ def derive_concurrency(cfg: C.Config, resources: Mapping[str, float], requested:
     return min(n, requested) if requested else n
 
 
-def orphaned_placement_groups() -> list:
-    """Placement groups still holding (or waiting for) resources whose creating actor is dead.
-
-    A TorchTrainer's controller actor creates its workers' placement group. When Tune stops a trial
-    (ASHA), the trial's actor is killed, the controller with it, and its group would stay reserved
-    until the driver exits: Ray ties a non-detached group to its creator's job as well as its actor.
-    Train's own PlacementGroupCleaner removes it, but finds the cluster through the state API, which
-    fails whenever two Ray instances run on one host ("Found multiple active Ray instances", seen
-    here), so the driver checks too. Groups created by the driver itself (Tune's trial groups) have no
-    creator actor and are never listed. Reads the GCS table directly: Ray's public placement-group
-    table omits the creator."""
-    import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup
-
-    data = gcs_pb2.PlacementGroupTableData
-    live = (data.PENDING, data.PREPARED, data.CREATED, data.RESCHEDULING)
-    nil = ray.ActorID.nil().binary()
-    out = []
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = data.FromString(raw)
-        if pg.state in live and not pg.is_detached and pg.creator_actor_dead and pg.creator_actor_id not in (b"", nil):
-            out.append(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-    return out
-
-
 def reap_orphaned_placement_groups() -> int:
-    """Remove :func:`orphaned_placement_groups`; returns how many. Never raises: this is a safety net,
-    and a Ray whose internals moved on should not fail a search that Train's cleaner already serves."""
+    """Remove the placement groups of dead creators (:func:`simsiam.ray_compat.orphaned_placement_groups`:
+    those of TorchTrainers whose trial was stopped); returns how many. Never raises: this is a safety
+    net, and a Ray whose internals moved on should not fail a search that Train's cleaner already serves
+    (tests/test_ray_compat.py is what catches that)."""
     from ray.util import remove_placement_group
+
+    from simsiam.ray_compat import orphaned_placement_groups
 
     try:
         groups = orphaned_placement_groups()

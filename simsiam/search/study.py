@@ -79,6 +79,20 @@ def fetch_journal(copy: str, journal: str | os.PathLike) -> bool:
     return True
 
 
+def reset_or_fetch_journal(restorable: bool, journal: str | os.PathLike, copy: str = "") -> bool:
+    """Ready the local journal ``journal`` (and its published ``copy``, a URI or "") before a search's
+    fit. With no Tune experiment to restore, remove them: a driver killed before Tune's first experiment
+    snapshot leaves an Optuna study no Tune experiment knows about, and starting afresh, its
+    asked-but-orphaned trials would only mislead TPE. With one, fetch the published copy when the
+    local one is missing (:func:`fetch_journal`). True when it fetched."""
+    if not restorable:
+        Path(journal).unlink(missing_ok=True)
+        if copy:
+            sio.remove(copy)
+        return False
+    return bool(copy) and fetch_journal(copy, journal)
+
+
 def make_searcher(space: SearchSpace, experiment_dir: str | os.PathLike, seed: int, epochs: int,
                   journal_dir: str | os.PathLike | None = None, journal_copy: str = "") -> Any:
     """A :class:`simsiam.tune_plugins.LinkedOptunaSearch` with a seeded TPE sampler over ``space``; its
