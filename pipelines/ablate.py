@@ -53,10 +53,7 @@ def build_parser(prog: str = "python -m pipelines.ablate") -> argparse.ArgumentP
                    help="keep the collapse guard on (stops collapsed runs early; default: off)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="at most this many runs at once (default: as many as the cluster fits)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else start a local cluster)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="show Ray's and Tune's own output on the console; by default it goes to DIR/ray.log")
+    S.add_cluster_arguments(p)
     return p
 
 
@@ -129,16 +126,14 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipelines.ablate") -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
+
+    def load() -> tuple[C.Config, None]:
         base = C.load(args.config, args.overrides)
         A.select(args.study, args.variant)  # name errors before any cluster starts
-    except C.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    out_dir = Path(args.out_dir or os.path.join("runs", f"ablate-{base.run.name}")).resolve()
+        return base, None
 
-    def work() -> dict:
-        return run_ablations(base, args.study, args.variant, args.seeds, out_dir, guard=args.collapse_guard,
+    def work(base: C.Config, _: None, out: Path) -> dict:
+        return run_ablations(base, args.study, args.variant, args.seeds, out, guard=args.collapse_guard,
                              max_concurrent=args.max_concurrent, address=args.address)
 
     def done(summary: dict) -> tuple[str, int]:
@@ -146,7 +141,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.ablate"
         return (f"ablations done: {summary['runs']} runs {summary['by_status']}, wall {summary['wall_s']:.0f} s; "
                 f"{summary['markdown']}", 0 if failed == 0 else 1)
 
-    return S.run_command("ablate", base.run.name, out_dir, args.verbose, work, done)
+    return S.run_command("ablate", load, args.out_dir, args.verbose, work, done)
 
 
 if __name__ == "__main__":

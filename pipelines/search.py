@@ -67,10 +67,7 @@ def build_parser(prog: str = "python -m pipelines.search") -> argparse.ArgumentP
                         "a quarter of train.epochs, rounded up: early kNN scores mostly reflect the initialisation)")
     p.add_argument("--reduction-factor", type=float, default=2.0,
                    help="ASHA: keep the top 1/factor of trials at each rung (default: 2)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: $RAY_ADDRESS, else start a local cluster)")
-    p.add_argument("-v", "--verbose", action="store_true",
-                   help="show Ray's and Tune's own output on the console; by default it goes to DIR/ray.log")
+    S.add_cluster_arguments(p)
     return p
 
 
@@ -234,16 +231,13 @@ def write_outputs(base: C.Config, space: S.SearchSpace, records: list[S.TrialRec
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipelines.search") -> int:
     args = build_parser(prog).parse_args(argv)
-    try:
-        base = C.load(args.config, args.overrides)
-        space = S.load_space(args.space, search_config(base))
-    except C.ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    out_dir = Path(args.out_dir or os.path.join("runs", f"search-{base.run.name}")).resolve()
 
-    def work() -> dict:
-        return run_search(base, space, args.trials, out_dir, seed=args.seed, max_concurrent=args.max_concurrent,
+    def load() -> tuple[C.Config, S.SearchSpace]:
+        base = C.load(args.config, args.overrides)
+        return base, S.load_space(args.space, search_config(base))
+
+    def work(base: C.Config, space: S.SearchSpace, out: Path) -> dict:
+        return run_search(base, space, args.trials, out, seed=args.seed, max_concurrent=args.max_concurrent,
                           grace=args.grace_epochs, reduction_factor=args.reduction_factor, address=args.address)
 
     def done(summary: dict) -> tuple[str, int]:
@@ -251,7 +245,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.search"
         return (f"search done: {summary['trials']} trials ({counts}), wall {summary['wall_s']:.0f} s; "
                 f"table {summary['table']}", 0 if summary["best"] is not None else 1)
 
-    return S.run_command("search", base.run.name, out_dir, args.verbose, work, done)
+    return S.run_command("search", load, args.out_dir, args.verbose, work, done)
 
 
 if __name__ == "__main__":

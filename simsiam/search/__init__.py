@@ -24,6 +24,7 @@ from typing import Any
 from simsiam.search.driver import (
     EXPERIMENT,
     SNAPSHOT_PERIOD_S,
+    add_cluster_arguments,
     claim_experiment,
     claim_out_dir,
     connect,
@@ -95,14 +96,14 @@ from simsiam.search.trial import (
 __all__ = [
     "ASHA_METRIC", "DISTRIBUTIONS", "EXPERIMENT", "JOURNAL_ENV", "MIN_FOR_HISTORY", "MIN_FOR_IMPORTANCE",
     "OBJECTIVE", "RESERVED", "SNAPSHOT_PERIOD_S", "STATUSES", "STUDY_FILE", "STUDY_NAME", "TABLE_COLUMNS",
-    "TIME_ATTR", "TRIAL_CPU", "Param", "SearchSpace", "SpaceError", "TrialFailed", "TrialRecord", "best_record",
-    "check_space_against", "claim_experiment", "claim_out_dir", "classify", "collect_results", "connect",
-    "derive_concurrency", "experiment_root", "fail_orphaned_trials", "fetch_journal", "field_spec",
-    "final_collapse", "finite_number", "fit", "format_table", "history_figure", "load_space", "load_study",
-    "make_searcher", "make_trainable", "optuna_numbers", "parse_space", "plot_study", "publish_journal",
-    "reap_orphaned_placement_groups", "record_from_result", "reset_or_fetch_journal", "run_command", "run_trial",
-    "study_storage", "table_rows", "trial_budget", "trial_dirname", "trial_overrides", "wait_for_release",
-    "write_best_config", "write_csv",
+    "TIME_ATTR", "TRIAL_CPU", "Param", "SearchSpace", "SpaceError", "TrialFailed", "TrialRecord",
+    "add_cluster_arguments", "best_record", "check_space_against", "claim_experiment", "claim_out_dir", "classify",
+    "collect_results", "connect", "derive_concurrency", "experiment_root", "fail_orphaned_trials", "fetch_journal",
+    "field_spec", "final_collapse", "finite_number", "fit", "format_table", "history_figure", "load_space",
+    "load_study", "make_searcher", "make_trainable", "optuna_numbers", "parse_space", "plot_study",
+    "publish_journal", "reap_orphaned_placement_groups", "record_from_result", "reset_or_fetch_journal",
+    "run_command", "run_trial", "study_storage", "table_rows", "trial_budget", "trial_dirname", "trial_overrides",
+    "wait_for_release", "write_best_config", "write_csv",
 ]
 
 

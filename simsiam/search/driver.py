@@ -3,6 +3,7 @@ the claim on it, the cluster it runs on, :func:`fit`, which runs a new Tune expe
 unfinished one, and :func:`run_command`, the console shell of ``simsiam search`` and ``simsiam ablate``."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -85,20 +86,41 @@ def connect(cfg: C.Config, address: str | None, max_concurrent: int | None) -> t
     return where, total, derive_concurrency(cfg, total, max_concurrent)
 
 
-def run_command(kind: str, run_name: str, out_dir: Path, verbose: bool, work: Callable[[], dict],
-                done: Callable[[dict], tuple[str, int]]) -> int:
-    """The console shell of ``simsiam search`` and ``simsiam ablate``: a console session on ``out_dir``
-    (Ray's output to its ray.log unless ``verbose``) with ``work()`` run inside it. A config or data
-    error is one line and exit code 2, any other error one line (the traceback in the log) and 1; else
-    ``done(summary)`` gives the closing line and the exit code."""
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of a search or an ablation study about where and how it runs:
+    ``--address`` (the Ray cluster) and ``-v/--verbose`` (Ray's own output on the console)."""
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: $RAY_ADDRESS, else start a local cluster)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's and Tune's own output on the console; by default it goes to DIR/ray.log")
+
+
+def run_command(kind: str, load: Callable[[], tuple[C.Config, Any]], out_dir: str | None, verbose: bool,
+                work: Callable[[C.Config, Any, Path], dict], done: Callable[[dict], tuple[str, int]]) -> int:
+    """The console shell of ``simsiam search`` and ``simsiam ablate``; returns the exit code.
+
+    ``load()`` reads the base config and checks the other arguments, returning (config, what else the
+    work needs): a :class:`ConfigError` there is ``config error: ...`` on stderr and exit code 2, before
+    anything starts. Then ``work(config, extra, out)`` runs in a console session on ``out`` (``out_dir``,
+    default runs/<kind>-<run.name>; Ray's output goes to its ray.log unless ``verbose``). A config or data
+    error there is one line and exit code 2, any other error one line (the traceback in the log) and 1;
+    else ``done(summary)`` gives the closing line and the exit code."""
+    import sys
+
     from simsiam import console
     from simsiam.data.schema import DataError
 
-    with console.session(out_dir, verbose=verbose) as log:
-        console.say(f"{kind} '{run_name}' -> {out_dir} "
+    try:
+        base, extra = load()
+    except C.ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    out = Path(out_dir or os.path.join("runs", f"{kind}-{base.run.name}")).resolve()
+    with console.session(out, verbose=verbose) as log:
+        console.say(f"{kind} '{base.run.name}' -> {out} "
                     + ("(--verbose: Ray's output on the console)" if verbose else f"(Ray's output: {log})"))
         try:
-            summary = work()
+            summary = work(base, extra, out)
         except (C.ConfigError, DataError) as e:
             console.error(str(e))
             return 2
