@@ -9,7 +9,8 @@
   stopped_early | collapsed | diverged | failed).
 * :mod:`~simsiam.search.report`: the best trial, the CSV/console table, ``best.yaml`` and the plots.
 * :mod:`~simsiam.search.study`: the Optuna study (journal storage) and the searcher.
-* :mod:`~simsiam.search.driver`: where the experiment lives, the output-directory claim, :func:`fit`.
+* :mod:`~simsiam.search.driver`: where the experiment lives and the claim on it, the cluster
+  (:func:`connect`), :func:`fit`, and the console shell of both commands (:func:`run_command`).
 
 Every public name is re-exported here, so ``from simsiam import search as S; S.load_space(...)`` works
 and Tune experiments that pickled ``simsiam.search.run_trial`` (or ``trial_dirname``) still resume.
