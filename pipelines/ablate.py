@@ -33,6 +33,7 @@ from pathlib import Path
 
 from simsiam import ablations as A
 from simsiam import config as C
+from simsiam import io as sio
 from simsiam import search as S
 from simsiam.io import atomic_write_json, atomic_write_text
 
@@ -98,7 +99,7 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
         return ray.tune.TuneConfig(num_samples=1, max_concurrent_trials=concurrency,
                                    trial_dirname_creator=S.trial_dirname)
 
-    trainable = S.make_trainable(cfg, train_path, eval_path, f"{root}/{S.EXPERIMENT}/runs",
+    trainable = S.make_trainable(cfg, train_path, eval_path, sio.join(root, S.EXPERIMENT, S.TRIAL_RUNS),
                                  variants=grid.runs, classify_collapse=True, report_history=True)
     param_space = {"variant": ray.tune.grid_search(grid.keys), "seed": ray.tune.grid_search(seed_list)}
     lines = TrialLines(cfg.train.epochs, lambda m, err: S.classify(m, err, cfg.train.epochs), ["variant", "seed"],

@@ -162,7 +162,7 @@ def run_search(base: C.Config, space: S.SearchSpace, trials: int, out_dir: str |
             scheduler=scheduler,
             num_samples=trials, max_concurrent_trials=concurrency, trial_dirname_creator=S.trial_dirname)
 
-    trainable = S.make_trainable(cfg, data.train_path, data.eval_path, sio.join(tune_exp, "runs"))
+    trainable = S.make_trainable(cfg, data.train_path, data.eval_path, sio.join(tune_exp, S.TRIAL_RUNS))
     lines = TrialLines(cfg.train.epochs, lambda m, err: S.classify(m, err, cfg.train.epochs), space.names, trials)
     # JOURNAL_ENV: where a restored searcher finds the study (tune_plugins).
     grid, resumed = S.fit(root, trainable, tune_config, strict_metrics=False, callbacks=[lines],

@@ -75,7 +75,7 @@ class LinkedOptunaSearch(OptunaSearch):
             exp = self.experiment_dir
             ot.set_user_attr("tune_trial_id", trial_id)
             ot.set_user_attr("tune_trial_dir", sio.join(exp, trial_id))  # see S.trial_dirname
-            ot.set_user_attr("run_dir", sio.join(exp, "runs", trial_id))
+            ot.set_user_attr("run_dir", sio.join(exp, S.TRIAL_RUNS, trial_id))
             self._publish()
         return out
 

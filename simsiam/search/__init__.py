@@ -25,6 +25,7 @@ from typing import Any
 from simsiam.search.driver import (
     EXPERIMENT,
     SNAPSHOT_PERIOD_S,
+    TRIAL_RUNS,
     add_cluster_arguments,
     claim_experiment,
     claim_out_dir,
@@ -97,7 +98,7 @@ from simsiam.search.trial import (
 __all__ = [
     "ASHA_METRIC", "DISTRIBUTIONS", "EXPERIMENT", "JOURNAL_ENV", "MIN_FOR_HISTORY", "MIN_FOR_IMPORTANCE",
     "OBJECTIVE", "RESERVED", "SNAPSHOT_PERIOD_S", "STATUSES", "STUDY_FILE", "STUDY_NAME", "TABLE_COLUMNS",
-    "TIME_ATTR", "TRIAL_CPU", "Param", "SearchSpace", "SpaceError", "TrialFailed", "TrialRecord",
+    "TIME_ATTR", "TRIAL_CPU", "TRIAL_RUNS", "Param", "SearchSpace", "SpaceError", "TrialFailed", "TrialRecord",
     "add_cluster_arguments", "best_record", "check_space_against", "claim_experiment", "claim_out_dir", "classify",
     "collect_results", "connect", "derive_concurrency", "experiment_root", "fail_orphaned_trials", "fetch_journal",
     "field_spec", "final_collapse", "finite_number", "fit", "format_table", "history_figure", "load_space",

@@ -16,6 +16,8 @@ from simsiam.io import atomic_write_text
 from simsiam.search.resources import derive_concurrency
 
 EXPERIMENT = "tune"
+# Under the Tune experiment: each trial's pretraining run (checkpoints, TensorBoard), named by trial id.
+TRIAL_RUNS = "runs"
 SNAPSHOT_PERIOD_S = 5
 
 
