@@ -216,6 +216,25 @@ def test_asha_has_no_rung_at_the_last_epoch_and_its_grace_is_a_quarter_of_the_ep
         assert rungs and max(rungs) < epochs, (epochs, rungs)
 
 
+def test_names_pickled_by_experiments_of_earlier_versions_still_resolve():
+    """A Tune experiment snapshot pickles the trial function, the trial-directory namer and the searcher
+    by module and name; those written when the harness was the module simsiam/search.py (and the
+    searcher was FinalObjectiveOptunaSearch) must load from the package, or such a search cannot resume."""
+    import pickle
+
+    from simsiam import tune_plugins
+
+    def by_name(module: str, name: str):
+        return pickle.loads(f"c{module}\n{name}\n.".encode())  # protocol 0: one GLOBAL, as Tune pickled it
+
+    assert by_name("simsiam.search", "run_trial") is S.trial.run_trial
+    assert by_name("simsiam.search", "trial_dirname") is S.driver.trial_dirname
+    assert by_name("simsiam.search", "FinalObjectiveOptunaSearch") is tune_plugins.LinkedOptunaSearch
+    assert by_name("simsiam.search", "ReleaseStoppedTrials") is tune_plugins.ReleaseStoppedTrials
+    with pytest.raises(AttributeError):
+        by_name("simsiam.search", "NoSuchThing")
+
+
 # ----------------------------------------------------------------------------- real Tune (slow)
 
 # The sample preset shrunk (as tests/conftest.py's tiny_config) so a trial is seconds of compute, with
