@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from simsiam import ray_compat
-from tests.conftest import released_within
+from tests.cluster_checks import released_within
 
 # --------------------------------------------------------------------------- version pin
 

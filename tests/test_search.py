@@ -22,7 +22,7 @@ import yaml
 from simsiam import config as C
 from simsiam import io as sio
 from simsiam import search as S
-from tests.conftest import released_within
+from tests.cluster_checks import released_within
 
 ROOT = Path(__file__).resolve().parent.parent
 
