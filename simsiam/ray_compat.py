@@ -8,7 +8,8 @@ first, then revisit each section below (a workaround may no longer be needed, or
 
 Importing this module warns (:class:`RayVersionWarning`) when the installed Ray is not 2.60.
 
-Sections: version pin; Ray Data; Ray Train; Ray Tune (placement groups of stopped trials, ASHA's rungs).
+Sections: version pin; Ray Data; Ray Train; Ray Tune (placement groups of stopped trials, ASHA's rungs,
+OptunaSearch's per-trial state).
 
 Keep this module free of torch: Ray Data's worker processes import it (through
 ``simsiam.data.batches``), and torch costs seconds of start-up per process.
@@ -148,3 +149,37 @@ def asha_rungs(scheduler: object) -> list[int]:
     """
     brackets = getattr(scheduler, "_brackets", None)
     return sorted(int(m) for m, _ in brackets[0]._rungs) if brackets else []
+
+
+def optuna_trial(searcher: object, trial_id: str) -> object | None:
+    """The live ``optuna.Trial`` an ``OptunaSearch`` asked for on behalf of Tune trial ``trial_id`` (None
+    once told, or if unknown).
+
+    Works around: Ray 2.60's OptunaSearch keeps its Tune-trial -> Optuna-trial map in the private
+    ``_ot_trials`` and offers no hook to annotate the Optuna trial (user attributes, intermediate values),
+    which :class:`simsiam.tune_plugins.LinkedOptunaSearch` needs to make the study readable on its own.
+    """
+    return getattr(searcher, "_ot_trials", {}).get(trial_id)
+
+
+def optuna_trial_completed(searcher: object, trial_id: str) -> bool:
+    """Whether an ``OptunaSearch`` has already told Optuna how Tune trial ``trial_id`` ended (its
+    private ``_completed_trials``: Tune may call ``on_trial_complete`` twice for one trial)."""
+    return trial_id in getattr(searcher, "_completed_trials", ())
+
+
+def repoint_optuna_journal(searcher: object, journal_path: str) -> bool:
+    """Point a restored ``OptunaSearch``'s journal storage at ``journal_path``; False if it has none.
+
+    Works around: a searcher restored from a Tune snapshot holds the ``JournalStorage`` pickled on the
+    machine that took the snapshot (Ray 2.60 keeps it in the private ``_storage``), whose file backend
+    names that machine's path; the study, its trials and the searcher share that one object, so replacing
+    its backend (Optuna's private ``_backend``; its replay state is fresh after unpickling) moves them all.
+    """
+    storage = getattr(searcher, "_storage", None)
+    if storage is None:
+        return False
+    from optuna.storages.journal import JournalFileBackend
+
+    storage._backend = JournalFileBackend(journal_path)
+    return True

@@ -13,6 +13,7 @@ from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
 from simsiam import io as sio
+from simsiam import ray_compat
 from simsiam import search as S
 
 
@@ -51,12 +52,7 @@ class LinkedOptunaSearch(OptunaSearch):
     def restore(self, checkpoint_path: str) -> None:
         super().restore(checkpoint_path)
         local = os.environ.get(S.JOURNAL_ENV)
-        if local and self._storage is not None:
-            from optuna.storages.journal import JournalFileBackend
-
-            # The study, its trials and this searcher share one unpickled JournalStorage: pointing its
-            # backend at the local copy moves them all (its replay state is fresh after unpickling).
-            self._storage._backend = JournalFileBackend(local)
+        if local and ray_compat.repoint_optuna_journal(self, local):
             self.journal_path = local
 
     def _publish(self) -> None:
@@ -70,7 +66,7 @@ class LinkedOptunaSearch(OptunaSearch):
 
     def suggest(self, trial_id: str) -> Any:
         out = super().suggest(trial_id)
-        ot = self._ot_trials.get(trial_id)
+        ot = ray_compat.optuna_trial(self, trial_id)
         if isinstance(out, dict) and ot is not None and self.experiment_dir:
             exp = self.experiment_dir
             ot.set_user_attr("tune_trial_id", trial_id)
@@ -84,7 +80,7 @@ class LinkedOptunaSearch(OptunaSearch):
 
     def _report_knn(self, trial_id: str, result: dict) -> None:
         knn, epoch = S.finite_number(result.get(S.ASHA_METRIC)), result.get(S.TIME_ATTR)
-        ot = self._ot_trials.get(trial_id)
+        ot = ray_compat.optuna_trial(self, trial_id)
         reported = self.__dict__.setdefault("_reported", set())
         if ot is None or knn is None or epoch is None or (trial_id, int(epoch)) in reported:
             return
@@ -93,8 +89,8 @@ class LinkedOptunaSearch(OptunaSearch):
         self._publish()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        ot = self._ot_trials.get(trial_id)
-        if ot is not None and trial_id not in self._completed_trials:
+        ot = ray_compat.optuna_trial(self, trial_id)
+        if ot is not None and not ray_compat.optuna_trial_completed(self, trial_id):
             # The result that made ASHA stop a trial reaches the searcher only here, not in on_trial_result.
             self._report_knn(trial_id, result or {})
             if error:

@@ -161,3 +161,32 @@ def test_asha_rungs_are_the_milestones_asha_stops_trials_at():
     assert sched.on_trial_result(None, weak, {"epoch": 3, "knn": 1.0}) == TrialScheduler.CONTINUE
     assert sched.on_trial_result(None, good, {"epoch": 4, "knn": 50.0}) == TrialScheduler.CONTINUE
     assert sched.on_trial_result(None, weak, {"epoch": 4, "knn": 1.0}) == TrialScheduler.STOP
+
+
+def test_optuna_search_keeps_its_trials_where_the_accessors_read_them(tmp_path):
+    """OptunaSearch's private per-trial state, read by LinkedOptunaSearch through ray_compat: the live
+    Optuna trial of a Tune trial, whether it was told, and the journal a restored searcher writes to."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+    from ray.tune.search.optuna import OptunaSearch
+
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    searcher = OptunaSearch({"x": optuna.distributions.FloatDistribution(0.0, 1.0)}, metric="m", mode="max",
+                            study_name="s", storage=JournalStorage(JournalFileBackend(str(first))))
+    assert ray_compat.optuna_trial(searcher, "t1") is None
+    config = searcher.suggest("t1")
+    trial = ray_compat.optuna_trial(searcher, "t1")
+    assert isinstance(trial, optuna.Trial) and trial.params == config
+    trial.set_user_attr("tune_trial_id", "t1")
+    assert not ray_compat.optuna_trial_completed(searcher, "t1")
+    searcher.on_trial_complete("t1", {"m": 0.5})
+    assert ray_compat.optuna_trial_completed(searcher, "t1")
+
+    first.rename(second)  # as if restored on another machine, whose local copy of the journal is here
+    assert ray_compat.repoint_optuna_journal(searcher, str(second))
+    searcher.suggest("t2")
+    study = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(second))))
+    assert [t.user_attrs.get("tune_trial_id") for t in study.trials] == ["t1", None]
+    assert study.trials[0].value == 0.5 and not first.exists()
+    assert not ray_compat.repoint_optuna_journal(object(), str(second))
