@@ -73,6 +73,21 @@ def test_best_record_ignores_unfinished_trials():
     assert S.best_record(recs[1:2] + recs[3:]) is None
 
 
+def test_trial_paths_on_object_storage_keep_their_scheme(tmp_path):
+    """Tune gives a trial on s3:// or gs:// as ``bucket/key`` inside its filesystem; trials.csv says the URI."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    s3 = pafs.S3FileSystem(endpoint_override="http://127.0.0.1:1", region="us-east-1")
+    assert S.result_uri(SimpleNamespace(path="bkt/tune/t1", filesystem=s3)) == "s3://bkt/tune/t1"
+    gcs = pafs.GcsFileSystem(anonymous=True)
+    assert S.result_uri(SimpleNamespace(path="bkt/tune/t1", filesystem=gcs)) == "gs://bkt/tune/t1"
+    local = SimpleNamespace(path=str(tmp_path / "t1"), filesystem=pafs.LocalFileSystem())
+    assert S.result_uri(local) == str(tmp_path / "t1")
+    assert S.result_uri(SimpleNamespace(path=None, filesystem=s3)) == ""
+
+
 def test_table_csv_and_console(tmp_path):
     recs = [S.record_from_result("a", _final(50.0), {"optim.base_lr": 0.05}, None, 1),
             S.record_from_result("b", {"epoch": 1, "knn_top1": 10.0}, {"optim.base_lr": 3.0}, None, 2)]
@@ -518,6 +533,7 @@ def test_search_on_s3_resumes_from_object_storage_alone_after_its_driver_is_kill
     # the rerun continued the experiment rather than starting trials afresh.
     ids = {r["trial_id"] for r in rows}
     assert len(ids) == 2 and set(before) <= ids and set(_experiment_trials(tune_exp)) == ids, (rows, before)
+    assert all(r["path"] == sio.join(tune_exp, r["trial_id"]) for r in rows), rows  # a URI, not bucket/key
 
     # The journal on S3, alone, holds the whole search: each Tune trial in exactly one Optuna trial that
     # ran (besides any asked for by the killed driver and failed as never run), with trials.csv's status.

@@ -91,6 +91,7 @@ from simsiam.search.trial import (
     finite_number,
     make_trainable,
     record_from_result,
+    result_uri,
     run_trial,
     trial_overrides,
 )
@@ -103,7 +104,7 @@ __all__ = [
     "collect_results", "connect", "derive_concurrency", "experiment_root", "fail_orphaned_trials", "fetch_journal",
     "field_spec", "final_collapse", "finite_number", "fit", "format_table", "history_figure", "load_space",
     "load_study", "make_searcher", "make_trainable", "optuna_numbers", "parse_space", "plot_study",
-    "publish_journal", "reap_orphaned_placement_groups", "record_from_result", "reset_or_fetch_journal",
+    "publish_journal", "reap_orphaned_placement_groups", "record_from_result", "reset_or_fetch_journal", "result_uri",
     "run_command", "run_trial", "study_storage", "table_rows", "trial_budget", "trial_dirname", "trial_overrides",
     "wait_for_release", "write_best_config", "write_csv",
 ]

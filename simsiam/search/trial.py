@@ -217,12 +217,21 @@ def record_from_result(trial_id: str, metrics: Mapping[str, Any], config: Mappin
     )
 
 
+def result_uri(result: Any) -> str:
+    """Where a Tune ``Result`` lives, as a path or URI: Tune gives a trial on s3:// or gs:// storage as a
+    path inside that filesystem (``bucket/key``), which means nothing to a reader of trials.csv."""
+    path = str(result.path or "")
+    kind = getattr(getattr(result, "filesystem", None), "type_name", "local")
+    scheme = {"s3": "s3", "gcs": "gs"}.get(kind)
+    return f"{scheme}://{path}" if scheme and path and "://" not in path else path
+
+
 def collect_results(grid: Any, epochs: int) -> list[TrialRecord]:
     """Records for every trial of a Tune ``ResultGrid``, in trial-creation order."""
     out = []
     for r in grid:
         metrics = dict(r.metrics or {})
-        path = str(r.path or "")
+        path = result_uri(r)
         trial_id = str(metrics.get("trial_id") or Path(path).name)
         out.append(record_from_result(trial_id, metrics, dict(r.config or {}), r.error, epochs, path))
     return sorted(out, key=lambda rec: rec.trial_id)
