@@ -29,8 +29,9 @@ class LinkedOptunaSearch(OptunaSearch):
     * Optuna is told only the final objective (``linear_top1``) as the trial's value; per-epoch results
       without it are ASHA's business, and Optuna's ``tell`` fails on a missing value;
     * with ``journal_copy`` (an object-store URI), the local journal ``journal_path`` is published there
-      after every change (:func:`simsiam.search.publish_journal`), and a searcher restored from a Tune
-      snapshot reopens the journal at the path in ``$SIMSIAM_STUDY_JOURNAL`` (the resuming driver's
+      when a trial is asked for or ends, after kNN reports at most once per Tune snapshot period
+      (:func:`simsiam.search.publish_journal`; the driver publishes it at the end), and a searcher
+      restored from a Tune snapshot reopens the journal at the path in ``$SIMSIAM_STUDY_JOURNAL`` (the resuming driver's
       local copy), not at the path pickled on the machine that took the snapshot.
     """
 
@@ -55,9 +56,16 @@ class LinkedOptunaSearch(OptunaSearch):
         if local and ray_compat.repoint_optuna_journal(self, local):
             self.journal_path = local
 
-    def _publish(self) -> None:
+    def _publish(self, force: bool = True) -> None:
+        """Upload the journal to ``journal_copy``. Trials asked for and ended always go up at once (a
+        resumed search must find every trial Tune's snapshot knows); per-epoch kNN reports, the bulk
+        of a long search, at most once per Tune snapshot period (a killed driver loses at most those)."""
         if not (self.journal_copy and self.journal_path):
             return
+        now = time.monotonic()
+        if not force and now - self.__dict__.get("_published_at", 0.0) < S.SNAPSHOT_PERIOD_S:
+            return
+        self._published_at = now
         try:
             S.publish_journal(self.journal_path, self.journal_copy)
         except OSError as e:  # the next change (or the search's end) publishes it again
@@ -86,7 +94,7 @@ class LinkedOptunaSearch(OptunaSearch):
             return
         reported.add((trial_id, int(epoch)))
         ot.report(knn, int(epoch))
-        self._publish()
+        self._publish(force=False)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         ot = ray_compat.optuna_trial(self, trial_id)

@@ -88,6 +88,24 @@ def test_trial_paths_on_object_storage_keep_their_scheme(tmp_path):
     assert S.result_uri(SimpleNamespace(path=None, filesystem=s3)) == ""
 
 
+def test_journal_copy_follows_trials_at_once_and_knn_reports_per_snapshot_period(tmp_path):
+    """The searcher publishes its journal (a local copy here) when a trial is asked for and when it ends;
+    a kNN report in between waits for the snapshot period (long searches report every epoch)."""
+    space = S.parse_space({"params": {"optim.base_lr": {"distribution": "loguniform", "low": 0.01, "high": 0.5}}})
+    copy = tmp_path / "copy" / S.STUDY_FILE
+    (tmp_path / "exp").mkdir()
+    searcher = S.make_searcher(space, tmp_path / "exp", seed=0, epochs=2, journal_copy=str(copy))
+    journal = Path(searcher.journal_path)
+    searcher.suggest("t1")
+    assert copy.read_bytes() == journal.read_bytes()
+    searcher.on_trial_result("t1", {S.ASHA_METRIC: 50.0, S.TIME_ATTR: 1})
+    assert copy.read_bytes() != journal.read_bytes()  # within the period: not yet
+    searcher.on_trial_complete("t1", {S.ASHA_METRIC: 60.0, S.TIME_ATTR: 2, S.OBJECTIVE: 70.0, "status": "finished"})
+    assert copy.read_bytes() == journal.read_bytes()
+    trial = S.load_study(copy.parent).trials[0]
+    assert trial.intermediate_values == {1: 50.0, 2: 60.0} and trial.value == 70.0
+
+
 def test_table_csv_and_console(tmp_path):
     recs = [S.record_from_result("a", _final(50.0), {"optim.base_lr": 0.05}, None, 1),
             S.record_from_result("b", {"epoch": 1, "knn_top1": 10.0}, {"optim.base_lr": 3.0}, None, 2)]
