@@ -98,8 +98,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "train/ and val/, then the output directory; .npz with x_train/x_test, CIFAR and the "
                         "digits write DEST/train and DEST/test, train/val folders DEST/train and DEST/val")
     c.add_argument("--builtin", choices=BUILTINS,
-                   help="convert a built-in set instead of SRC: shapes (10 shape classes at 32 px, colour, position "
-                        "and clutter as nuisances; the sample preset's) or digits (scikit-learn's 8x8 digits)")
+                   help="convert a built-in set instead of SRC: shapes (5 shape classes at 32 px, colour, position "
+                        "and clutter as nuisances) or digits (scikit-learn's 8x8 digits)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing dataset at DEST")
     c.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: ~64 MiB shards, >= 16)")
     c.add_argument("--workers", type=int, default=None, help="worker processes (default: one per core)")
