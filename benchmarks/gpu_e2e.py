@@ -228,11 +228,12 @@ def measure_levers(cfg: C.Config, batch: int, steps: int, warmup: int, device: t
 
 def end_to_end(cfg: C.Config, path: str, storage: str, name: str) -> dict:
     """One Ray Train run over the shards; its per-epoch pairs/s and the steady-state median."""
+    from simsiam.run import RunSpec
     from simsiam.train import pretrain
 
     t0 = time.perf_counter()
-    res = pretrain(cfg.replace({"run.name": name}), path, None, storage)
-    rates = [h["pairs_per_s"] for h in res.history]
+    res = pretrain(RunSpec(cfg.replace({"run.name": name}), path, None, storage))
+    rates = [h.pairs_per_s for h in res.history]
     steady = statistics.median(rates[1:]) if len(rates) > 1 else (rates[0] if rates else 0.0)
     out = {"status": res.status, "pairs_per_s": round(steady, 1), "per_epoch": [round(r, 1) for r in rates],
            "decode": cfg.data.decode, "prefetch_batches": cfg.data.prefetch_batches,

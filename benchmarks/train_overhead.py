@@ -79,7 +79,7 @@ def ray_pairs_per_s(cfg: C.Config, v1: np.ndarray, v2: np.ndarray, cpus: int, st
         datasets={"train": ds},
     )
     result = trainer.fit()
-    return [h["pairs_per_s"] for h in result.return_value["history"]]
+    return [h.pairs_per_s for h in result.return_value.history]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ from pathlib import Path
 from simsiam import config as C
 from simsiam import io as sio
 from simsiam.io import atomic_write_json
+from simsiam.run import RunOutcome, RunSpec, failed
 
 
 def build_parser(prog: str = "python -m pipelines.pretrain_eval") -> argparse.ArgumentParser:
@@ -45,14 +46,6 @@ def build_parser(prog: str = "python -m pipelines.pretrain_eval") -> argparse.Ar
     return p
 
 
-def _empty_results(cfg: C.Config) -> dict:
-    return {"status": "failed", "reason": "", "epochs_completed": 0, "linear_top1": None, "linear_top5": None,
-            "baselines": None, "ssl_gain": None, "knn_top1": None, "collapse_std": None, "effective_rank": None,
-            "pairs_per_s": None,
-            "skipped_images": 0, "checkpoint": None, "run_path": None, "tensorboard": None, "history": [],
-            "config": cfg.to_dict()}
-
-
 def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -> dict:
     """Check the data, pretrain, evaluate; write and return ``out_dir/results.json`` (and
     ``run_summary.png``). Never raises for a failed run, whatever failed - bad data found before Ray
@@ -65,7 +58,7 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     C.dump(cfg, out_dir / "config.yaml")
-    results = _empty_results(cfg)
+    results = {**failed("").results(), "config": cfg.to_dict()}
     try:
         _run(cfg, out_dir, address, results)
     except (DataError, ConfigError, sio.StorageError) as e:  # found before any work: the message says what to fix
@@ -101,67 +94,66 @@ def _run(cfg: C.Config, out_dir: Path, address: str | None, results: dict) -> No
     for w in data.warnings:
         console.warn(w)
 
-    from simsiam.evaluate import linear_eval, ssl_gain
     from simsiam.ray_utils import init_ray
-    from simsiam.train import pretrain
+    from simsiam.run import pretrain_and_evaluate
 
     console.say("connecting to Ray" if (address or os.environ.get("RAY_ADDRESS")) else "starting a local Ray cluster")
     console.say(f"Ray: {init_ray(address)}")
     console.say(f"starting {cfg.train.num_workers} training worker(s) and the data pipeline; "
                 f"checkpoints in {storage}/{cfg.run.name}")
-    state = {"t": time.time(), "epoch": 0, "first": True}
-
-    def on_report(m: dict) -> None:
-        if state["first"] and int(m.get("epoch", 1)) > 1:
-            console.say(f"resumed from the epoch {int(m['epoch']) - 1} checkpoint")
-        state.update(t=time.time(), epoch=int(m.get("epoch", 0)), first=False)
-        console.say(console.epoch_line(m, cfg.train.epochs))
-
-    def on_idle() -> None:
-        waited = time.time() - state["t"]
-        if state["first"]:
-            console.progress(f"waiting for the workers and the first batches ... {waited:.0f} s")
-        elif state["epoch"] < cfg.train.epochs:
-            console.progress(f"epoch {state['epoch'] + 1}/{cfg.train.epochs} running ... {waited:.0f} s")
-        else:
-            console.progress(f"linear evaluation running ... {waited:.0f} s")
-
-    pre = pretrain(cfg, data.train_path, data.eval_path, storage, linear_fit_path=data.train_path,
-                   on_report=on_report, on_idle=on_idle)
-    last = pre.last
-    results.update({
-        "status": pre.status,
-        "reason": pre.reason,
-        "epochs_completed": len(pre.history),
-        "knn_top1": next((h["knn_top1"] for h in reversed(pre.history) if h.get("knn_top1") is not None), None),
-        "collapse_std": last.get("collapse_std"),
-        "effective_rank": last.get("effective_rank"),
-        "pairs_per_s": last.get("pairs_per_s"),
-        "skipped_images": sum(h.get("skipped_images", 0) for h in pre.history),
-        "checkpoint": pre.checkpoint,
-        "run_path": pre.run_path,
-        "tensorboard": f"{pre.run_path}/tensorboard" if pre.run_path else None,
-        "history": pre.history,
-    })
-    if pre.status == "finished" and cfg.eval.enabled and pre.checkpoint:
-        try:
-            ev = pre.linear_result()
-            if ev is None:  # the full protocol runs as its own Ray Train run
-                console.say(f"linear evaluation ({cfg.eval.linear.protocol} protocol) of {pre.checkpoint}")
-                ev = linear_eval(cfg, pre.checkpoint, data.train_path, data.eval_path, storage)
-            results.update(linear_top1=ev["top1"], linear_top5=ev["top5"], linear_eval=ev)
-            how = "cached, in this run" if ev.get("in_run") else f"{cfg.eval.linear.protocol} protocol"
-            skipped = f", {ev['skipped']} bad rows skipped" if ev.get("skipped") else ""
-            console.say(f"linear evaluation ({how}): top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%{skipped}")
-            if ev.get("baselines"):
-                results.update(baselines=ev["baselines"], ssl_gain=ssl_gain(ev["top1"], ev["baselines"]))
-        except Exception as e:  # noqa: BLE001 - a failed evaluation is recorded, the pretraining result kept
-            console.log_exception(e)
-            results.update(status="failed", reason=f"linear evaluation failed: {console.one_line(e)}")
-    if results["skipped_images"] or (results.get("linear_eval") or {}).get("skipped"):
+    progress = _Progress(cfg.train.epochs)
+    spec = RunSpec(cfg, data.train_path, data.eval_path, storage, linear_fit_path=data.train_path)
+    outcome = pretrain_and_evaluate(spec, on_report=progress.on_report, on_idle=progress.on_idle,
+                                    before_evaluation=lambda pre: _say_evaluation_start(pre, cfg))
+    results.update(outcome.results())
+    if outcome.linear is not None:
+        _say_evaluation(outcome, cfg)
+    if results["skipped_images"] or (outcome.linear or {}).get("skipped"):
         results["skipped_rows"] = list_skipped_rows({"data.path": data.train_path, "data.eval_path": data.eval_path},
                                                     cfg.data.max_pixels, out_dir / SKIPPED_ROWS_FILE)
         console.say(f"skipped rows, by shard and row id: {results['skipped_rows']}")
+
+
+class _Progress:
+    """The console while the run trains: each epoch's line as it is reported, a progress line between."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.t, self.epoch, self.first = epochs, time.time(), 0, True
+
+    def on_report(self, m: dict) -> None:
+        from simsiam import console
+
+        if self.first and int(m.get("epoch", 1)) > 1:
+            console.say(f"resumed from the epoch {int(m['epoch']) - 1} checkpoint")
+        self.t, self.epoch, self.first = time.time(), int(m.get("epoch", 0)), False
+        console.say(console.epoch_line(m, self.epochs))
+
+    def on_idle(self) -> None:
+        from simsiam import console
+
+        waited = time.time() - self.t
+        if self.first:
+            console.progress(f"waiting for the workers and the first batches ... {waited:.0f} s")
+        elif self.epoch < self.epochs:
+            console.progress(f"epoch {self.epoch + 1}/{self.epochs} running ... {waited:.0f} s")
+        else:
+            console.progress(f"linear evaluation running ... {waited:.0f} s")
+
+
+def _say_evaluation_start(pretrained: RunOutcome, cfg: C.Config) -> None:
+    from simsiam import console
+
+    if pretrained.linear is None and pretrained.evaluation_error is None:  # the evaluation runs on its own
+        console.say(f"linear evaluation ({cfg.eval.linear.protocol} protocol) of {pretrained.checkpoint}")
+
+
+def _say_evaluation(outcome: RunOutcome, cfg: C.Config) -> None:
+    from simsiam import console
+
+    ev = outcome.linear
+    how = "cached, in this run" if ev.get("in_run") else f"{cfg.eval.linear.protocol} protocol"
+    skipped = f", {ev['skipped']} bad rows skipped" if ev.get("skipped") else ""
+    console.say(f"linear evaluation ({how}): top-1 {ev['top1']:.2f}%, top-5 {ev['top5']:.2f}%{skipped}")
 
 
 SKIPPED_ROWS_FILE = "skipped_rows.json"

@@ -37,14 +37,15 @@ from simsiam.data import BUILTIN_PREFIX, resolve_paths
 from simsiam.data.schema import DataError, is_uri, list_shards, validate_shards
 from simsiam.io import atomic_write_json
 from simsiam.registry import Registry, RegistryBusy, RegistryError, Scan, Shard, new_run_id, now, scan_source
+from simsiam.run import RunOutcome, RunSpec, Status
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR, EXIT_BUSY = 0, 1, 2, 3
-DECISIONS = ("promoted", "not_promoted", "nothing_to_do", "dry_run", "failed")
 
 
 @dataclass
 class Outcome:
-    """What one ``retrain`` call decided. ``record`` is the run's record.json content (no run: empty)."""
+    """What one ``retrain`` call decided (promoted, not_promoted, nothing_to_do, dry_run or failed).
+    ``record`` is the run's record.json content (no run: empty)."""
 
     decision: str
     reason: str
@@ -122,14 +123,6 @@ def eval_fingerprint(cfg: C.Config, fit: str, heldout: str) -> dict:
     d = cfg.data
     return {**sets, "linear": dataclasses.asdict(cfg.eval.linear), "image_size": d.image_size,
             "eval_resize": d.eval_resize, "mean": d.mean, "std": d.std, "seed": cfg.train.seed}
-
-
-def _uri(path: str | None, storage: str) -> str | None:
-    """Ray reports a checkpoint on s3:// or gs:// storage as a path inside that filesystem, without its
-    scheme ("bucket/key"); the workers and the registry need the URI."""
-    if path and is_uri(storage) and not is_uri(path):
-        return storage.split("://", 1)[0] + "://" + path
-    return path
 
 
 def _reachable(reg: Registry, model_rel: str, storage: str, run_id: str) -> str:
@@ -282,13 +275,14 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
     Raises on failure; writes nothing to the registry's shared state."""
     from simsiam.evaluate import linear_eval
     from simsiam.ray_utils import init_ray
-    from simsiam.train import pretrain
+    from simsiam.run import pretrain_and_evaluate
 
     run_dir = reg.run_dir(run_id)
     fit, heldout, fingerprint = eval_spec
     n_new = len(record["inputs"]["new_shards"])
+    # Every retrained model is scored (eval.enabled or not): the decision rests on its linear top-1.
     overrides: dict[str, Any] = {"run.name": run_id, "data.path": sio.join(run_dir, "train.shards.json"),
-                                 "data.eval_path": heldout}
+                                 "data.eval_path": heldout, "eval.enabled": True}
     say(f"Ray: {init_ray(address)}; checkpoints in {storage}/{run_id}")
     if promoted is not None and cfg.retrain.warm_start:
         overrides["train.init_checkpoint"] = _reachable(reg, promoted["model"], storage, run_id)
@@ -300,30 +294,28 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
 
     from simsiam.console import epoch_line
 
-    pre = pretrain(run_cfg, overrides["data.path"], heldout, storage, linear_fit_path=fit,
-                   on_report=lambda m: say(epoch_line(m, run_cfg.train.epochs)))
-    checkpoint = _uri(pre.checkpoint, storage)
-    m = record["metrics"]
-    m.update(pretrain_status=pre.status, pretrain_reason=pre.reason, epochs_completed=len(pre.history),
-             checkpoint=checkpoint, loss=pre.last.get("loss"), collapse_std=pre.last.get("collapse_std"),
-             effective_rank=pre.last.get("effective_rank"),
-             knn_top1=next((h["knn_top1"] for h in reversed(pre.history) if h.get("knn_top1") is not None), None))
-    results = {"status": pre.status, "reason": pre.reason, "history": pre.history, "run_path": pre.run_path,
-               "checkpoint": checkpoint, "config": run_cfg.to_dict()}
-    atomic_write_json(sio.join(run_dir, "results.json"), results)
-    if pre.status == "failed" or (pre.status == "finished" and not checkpoint):
-        raise RuntimeError(f"pretraining failed: {pre.reason or 'no checkpoint was written'}")
-    if pre.status != "finished":  # collapsed or diverged: a completed run whose model is not worth scoring
-        record.update(decision="not_promoted", reason=f"pretraining {pre.status}: {pre.reason}")
-        return Outcome("not_promoted", record["reason"], run_id, new_shards=n_new)
+    results_file = sio.join(run_dir, "results.json")
 
-    say(f"linear evaluation ({cfg.eval.linear.protocol} protocol): fitted on {fit}, scored on {heldout}"
-        + (" (in the pretraining run)" if pre.linear else ""))
-    ev = pre.linear_result() or linear_eval(run_cfg, checkpoint, fit, heldout, storage)
-    top1 = float(ev["top1"])
-    m.update(linear_top1=top1, linear_top5=ev.get("top5"))
-    results.update(linear_top1=top1, linear_top5=ev.get("top5"), linear_eval=ev)
-    atomic_write_json(sio.join(run_dir, "results.json"), results)
+    def pretrained(pre: RunOutcome) -> None:  # written before the evaluation too: a crash there keeps it
+        _record_pretraining(record, pre)
+        atomic_write_json(results_file, {**pre.results(), "config": run_cfg.to_dict()})
+        say(f"linear evaluation ({cfg.eval.linear.protocol} protocol): fitted on {fit}, scored on {heldout}"
+            + (" (in the pretraining run)" if pre.linear else ""))
+
+    spec = RunSpec(run_cfg, overrides["data.path"], heldout, storage, linear_fit_path=fit)
+    out = pretrain_and_evaluate(spec, on_report=lambda m: say(epoch_line(m, run_cfg.train.epochs)),
+                                before_evaluation=pretrained)
+    _record_pretraining(record, out)
+    atomic_write_json(results_file, {**out.results(), "config": run_cfg.to_dict()})
+    if out.evaluation_error is not None:
+        raise RuntimeError(out.reason)
+    if out.status == Status.FAILED or (out.status == Status.FINISHED and not out.checkpoint):
+        raise RuntimeError(f"pretraining failed: {out.reason or 'no checkpoint was written'}")
+    if out.status != Status.FINISHED:  # collapsed or diverged: a completed run whose model is not worth scoring
+        record.update(decision="not_promoted", reason=f"pretraining {out.status}: {out.reason}")
+        return Outcome("not_promoted", record["reason"], run_id, new_shards=n_new)
+    top1 = float(out.linear_top1)
+    record["metrics"].update(linear_top1=top1, linear_top5=out.linear_top5)
 
     margin = cfg.retrain.margin
     if promoted is None:
@@ -347,6 +339,15 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
         record.update(decision="not_promoted",
                       reason=f"linear top-1 {top1:.2f}% < {versus}; run {promoted['run_id']} stays promoted")
     return Outcome(record["decision"], record["reason"], run_id, top1, base, n_new)
+
+
+def _record_pretraining(record: dict, pre: RunOutcome) -> None:
+    """The pretraining's part of the run's record (its metrics), from the outcome."""
+    status = Status.FINISHED if pre.evaluation_error is not None else pre.status
+    record["metrics"].update(
+        pretrain_status=str(status), pretrain_reason="" if pre.evaluation_error is not None else pre.reason,
+        epochs_completed=pre.epochs_completed, checkpoint=pre.checkpoint, loss=pre.last.loss if pre.last else None,
+        collapse_std=pre.collapse_std, effective_rank=pre.effective_rank, knn_top1=pre.knn_top1)
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m pipelines.retrain") -> int:

@@ -74,14 +74,23 @@ def centred_gram(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def rank_from_gram(gram: torch.Tensor, tol: torch.Tensor) -> float:
     """RankMe from :func:`centred_gram`'s output; NaN when the batch held non-finite values."""
-    if not bool(torch.isfinite(gram).all()):
-        return float("nan")
-    s = torch.linalg.eigvalsh(gram).clamp_min(0).sqrt()
-    s = s[s > tol]
-    if s.numel() == 0:
-        return 0.0
-    p = s / s.sum()
-    return torch.exp(-(p * torch.log(p)).sum()).item()
+    return ranks_from_grams(gram.unsqueeze(0), tol.reshape(1)).item()
+
+
+@torch.no_grad()
+def ranks_from_grams(grams: torch.Tensor, tols: torch.Tensor) -> torch.Tensor:
+    """:func:`rank_from_gram` of a stack of grams (n, k, k) and their floors (n,), as an (n,) float64 tensor
+    on their device: one batched eigendecomposition and no host sync, so a trainer reads a whole window
+    of steps back at once. Singular values at or under a batch's floor do not count; a batch left with
+    none scores 0, a non-finite one NaN."""
+    finite = torch.isfinite(grams).flatten(1).all(dim=1)
+    s = torch.linalg.eigvalsh(torch.where(finite[:, None, None], grams, 0.0)).clamp_min(0).sqrt()
+    keep = s > tols.reshape(-1, 1)
+    total = torch.where(keep, s, 0.0).sum(dim=1, keepdim=True)
+    p = torch.where(keep, s / total.clamp_min(torch.finfo(s.dtype).tiny), 1.0)  # dropped values: p log p = 0
+    ranks = torch.exp(-(p * torch.log(p)).sum(dim=1))
+    ranks = torch.where(keep.any(dim=1), ranks, 0.0)
+    return torch.where(finite, ranks, float("nan"))
 
 
 @torch.no_grad()

@@ -108,6 +108,20 @@ def disable_preemption_watcher() -> None:
     os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
 
 
+def train_run_storage(ctx: object) -> object | None:
+    """The run's storage context (``experiment_fs_path``, ``storage_filesystem``) from a Train worker's
+    ``ray.train.get_context()``, or None where Ray does not offer it.
+
+    Works around: Ray 2.60 has no public way for a worker to find its run directory on the configured
+    storage (local, s3://, gs://); ``TrainContext.get_storage`` is a DeveloperAPI whose interface "may
+    change without notice between minor versions". The TensorBoard logs use it to land next to the
+    checkpoints; without it they go to a local temporary directory, which tests/test_train.py's DDP test
+    catches (it asserts the event files under the run directory).
+    """
+    get_storage = getattr(ctx, "get_storage", None)
+    return get_storage() if get_storage is not None else None
+
+
 # --------------------------------------------------------------------------- Ray Tune
 
 

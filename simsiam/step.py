@@ -11,9 +11,10 @@ import torch.distributed as dist
 from torch import nn
 
 from simsiam.augment import PhotometricAugment
+from simsiam.checkpoint import unwrap
 from simsiam.config import Config
 from simsiam.loss import simsiam_loss
-from simsiam.metrics import centred_gram, collapse_std_tensor, rank_from_gram
+from simsiam.metrics import centred_gram, collapse_std_tensor, ranks_from_grams
 
 
 class SimSiamStep:
@@ -24,7 +25,7 @@ class SimSiamStep:
     the encoder refreshed every k steps instead of the current one."""
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device):
-        self.model, self.net, self.cfg, self.device = model, getattr(model, "module", model), cfg, device
+        self.model, self.net, self.cfg, self.device = model, unwrap(model), cfg, device
         on_gpu = device.type == "cuda"
         self.amp = on_gpu and cfg.train.amp
         self.channels_last = on_gpu and cfg.train.channels_last
@@ -74,9 +75,13 @@ class StepMetrics:
         if not self._rows:
             return []
         rows, self._rows = self._rows, []
-        ranks = [rank_from_gram(*g) for *_, g in rows]
-        vals = torch.stack([torch.stack([r[3] for r in rows]), torch.stack([r[4] for r in rows]).double(),
-                            torch.tensor(ranks, dtype=torch.float64, device=self.device)], dim=1)
+        grams = [r[5] for r in rows]
+        if all(g[0].shape == grams[0][0].shape for g in grams):
+            ranks = ranks_from_grams(torch.stack([g[0] for g in grams]), torch.stack([g[1] for g in grams]))
+        else:  # batches of different sizes (bad images skipped): one decomposition each
+            ranks = torch.cat([ranks_from_grams(g.unsqueeze(0), t.reshape(1)) for g, t in grams])
+        losses, stds = torch.stack([r[3] for r in rows]), torch.stack([r[4] for r in rows]).double()
+        vals = torch.stack([losses, stds, ranks], dim=1)
         if self.world > 1:
             dist.all_reduce(vals)
             vals /= self.world

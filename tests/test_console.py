@@ -226,6 +226,7 @@ def test_a_bad_row_fails_the_run_at_once_with_a_short_reason(ray_local, digits_c
     reason is one line naming shard and row, not the worker's traceback."""
     from ray.util.state import list_actors
 
+    from simsiam.run import RunSpec
     from simsiam.train import pretrain
 
     bad = tmp_path / "bad"
@@ -249,7 +250,7 @@ def test_a_bad_row_fails_the_run_at_once_with_a_short_reason(ray_local, digits_c
 
     before = workers()
     t0 = time.time()
-    res = pretrain(cfg, str(bad), None, str(tmp_path / "ray"))
+    res = pretrain(RunSpec(cfg, str(bad), None, str(tmp_path / "ray")))
     assert res.status == "failed"
     assert res.reason.startswith("bad data: ") and "part-00000.parquet: row id='short'" in res.reason, res.reason
     assert "\n" not in res.reason and "Traceback" not in res.reason

@@ -19,7 +19,8 @@ from simsiam.data import resolve_paths
 from simsiam.data.pipeline import eval_dataset, iter_eval_batches
 from simsiam.evaluate import baseline_scores, linear_eval, linear_eval_cached
 from simsiam.model import SimSiam
-from simsiam.train import CHECKPOINT_FILE, pretrain
+from simsiam.run import RunSpec
+from simsiam.train import pretrain
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow
@@ -27,30 +28,30 @@ pytestmark = pytest.mark.slow
 
 
 
-def _paths(cfg):
-    return resolve_paths(cfg.data)
+def _spec(cfg, storage, **kw) -> RunSpec:
+    return RunSpec(cfg, *resolve_paths(cfg.data), str(storage), **kw)
 
 
 def _epochs(res):
-    return [h["epoch"] for h in res.history]
+    return [h.epoch for h in res.history]
 
 
 def test_two_worker_ddp_keeps_replicas_identical(ray_local, digits_cache, tmp_path):
     cfg = tiny_config(digits_cache, **{"train.num_workers": 2, "train.knn_every": 1, "run.name": "ddp",
                                        "eval.baselines": True})
-    train_path, eval_path = _paths(cfg)
-    res = pretrain(cfg, train_path, eval_path, str(tmp_path), linear_fit_path=train_path)
+    train_path, eval_path = resolve_paths(cfg.data)
+    res = pretrain(_spec(cfg, tmp_path, linear_fit_path=train_path), check_replicas=True)
     assert res.status == "finished", res.reason
     assert _epochs(res) == [1, 2]
-    assert [h["world_size"] for h in res.history] == [2, 2]
+    assert [h.world_size for h in res.history] == [2, 2]
     assert len(res.replicas) == 2
     assert res.replicas[0]["param_hash"] == res.replicas[1]["param_hash"]
     assert res.replicas[0]["pid"] != res.replicas[1]["pid"]
     # The global batch is what the lr follows: 64 split over 2 workers.
-    assert res.history[0]["global_batch"] == 64
-    assert res.history[-1]["knn_top1"] is not None and 0.0 <= res.history[-1]["knn_top1"] <= 100.0
+    assert res.history[0].global_batch == 64
+    assert res.history[-1].knn_top1 is not None and 0.0 <= res.history[-1].knn_top1 <= 100.0
     # A real checkpoint with the paper's state, loadable with weights_only=True.
-    state = ckpt_io.load(Path(res.checkpoint) / CHECKPOINT_FILE)
+    state = ckpt_io.load(Path(res.checkpoint) / ckpt_io.CHECKPOINT_FILE)
     assert state["epoch"] == 1 and state["step"] == 6
     assert {"model", "optimizer", "config", "rng"} <= set(state)
     # TensorBoard event files from rank 0 in the run directory.
@@ -88,8 +89,8 @@ def test_collapse_guard_stops_no_stop_gradient_run(ray_local, digits_cache, tmp_
     over = {"train.epochs": 30, "train.max_steps_per_epoch": 0, "train.collapse_guard.enabled": True,
             "train.collapse_guard.window_steps": 10, "optim.batch_size": 128}
     bad = tiny_config(digits_cache, **over, **{"loss.stop_gradient": False, "run.name": "nosg"})
-    res = pretrain(bad, *_paths(bad), str(tmp_path))
-    assert res.status == "collapsed", (res.status, res.reason, [h["effective_rank"] for h in res.history])
+    res = pretrain(_spec(bad, tmp_path))
+    assert res.status == "collapsed", (res.status, res.reason, [h.effective_rank for h in res.history])
     assert len(res.history) < 30
     assert "rank" in res.reason or "std" in res.reason
     # That the default recipe runs to its end under the guard is checked by the resume test, whose
@@ -127,7 +128,7 @@ def test_killed_worker_resumes_and_accounts_every_epoch_once(ray_local, digits_c
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    res = pretrain(cfg, *_paths(cfg), str(tmp_path))
+    res = pretrain(_spec(cfg, tmp_path), check_replicas=True)
     th.join(timeout=5)
     assert killed, "the test did not manage to kill a worker"
     assert res.status == "finished", res.reason
@@ -140,8 +141,9 @@ def test_rerun_resumes_from_latest_checkpoint(ray_local, digits_cache, tmp_path)
     over = {"train.epochs": 4, "train.max_steps_per_epoch": 4, "train.max_failures": 0,
             "train.collapse_guard.enabled": True, "train.collapse_guard.window_steps": 5}
     full = tiny_config(digits_cache, **over, **{"run.name": "full"})
-    ref = pretrain(full, *_paths(full), str(tmp_path))
+    ref = pretrain(_spec(full, tmp_path))
     assert ref.status == "finished", ref.reason
+    assert ref.replicas == ()  # the replica hashes are a test's diagnostic, gathered only when asked for
 
     # Interrupt after epoch 2: the only worker is killed once the second checkpoint exists; no retries.
     cut = tiny_config(digits_cache, **over, **{"run.name": "cut"})
@@ -153,19 +155,19 @@ def test_rerun_resumes_from_latest_checkpoint(ray_local, digits_cache, tmp_path)
 
     th = threading.Thread(target=killer, daemon=True)
     th.start()
-    first = pretrain(cut, *_paths(cut), str(tmp_path))
+    first = pretrain(_spec(cut, tmp_path))
     th.join(timeout=5)
     assert first.status == "failed"
     done_before = _epochs(first)
     assert 1 <= len(done_before) < 4
 
-    again = pretrain(cut, *_paths(cut), str(tmp_path))
+    again = pretrain(_spec(cut, tmp_path))
     assert again.status == "finished", again.reason
     # No epoch repeated or skipped, and the epochs before the cut are the recorded ones, unchanged.
     assert _epochs(again) == _epochs(ref) == [1, 2, 3, 4]
     assert again.history[: len(done_before)] == first.history
-    assert [h["step"] for h in again.history] == [h["step"] for h in ref.history]
-    assert [h["lr"] for h in again.history] == pytest.approx([h["lr"] for h in ref.history])
+    assert [h.step for h in again.history] == [h.step for h in ref.history]
+    assert [h.lr for h in again.history] == pytest.approx([h.lr for h in ref.history])
 
 
 def test_tensorboard_epochs_survive_a_killed_worker(tmp_path):
@@ -180,7 +182,7 @@ def test_tensorboard_epochs_survive_a_killed_worker(tmp_path):
     code = f"""
 import os, signal, types
 import pyarrow.fs as pafs
-from simsiam.train import TensorBoardSync
+from simsiam.tensorboard_sync import TensorBoardSync
 storage = types.SimpleNamespace(experiment_fs_path={str(tmp_path)!r}, storage_filesystem=pafs.LocalFileSystem())
 tb = TensorBoardSync(storage)
 for epoch in (1, 2, 3):

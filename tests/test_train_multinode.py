@@ -12,6 +12,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from simsiam.data import resolve_paths
+from simsiam.run import RunSpec
 from simsiam.train import pretrain
 from tests.conftest import free_port, start_local_ray, tiny_config
 
@@ -51,7 +52,7 @@ def test_ddp_spans_two_nodes(two_nodes, digits_cache, tmp_path):
     cfg = tiny_config(digits_cache, **{"train.num_workers": 2, "train.placement_strategy": "SPREAD",
                                        "train.cpus_per_worker": 0.75, "data.data_cpus": 0.25,
                                        "run.name": "twonodes"})
-    res = pretrain(cfg, *resolve_paths(cfg.data), str(tmp_path))
+    res = pretrain(RunSpec(cfg, *resolve_paths(cfg.data), str(tmp_path)), check_replicas=True)
     assert res.status == "finished", res.reason
     assert len({r["node_id"] for r in res.replicas}) == 2
     assert res.replicas[0]["param_hash"] == res.replicas[1]["param_hash"]
@@ -75,11 +76,11 @@ def test_elastic_run_continues_after_losing_a_node(two_nodes, digits_cache, tmp_
 
     th = threading.Thread(target=drop_node, daemon=True)
     th.start()
-    res = pretrain(cfg, *resolve_paths(cfg.data), str(tmp_path))
+    res = pretrain(RunSpec(cfg, *resolve_paths(cfg.data), str(tmp_path)))
     th.join(timeout=5)
     assert res.status == "finished", res.reason
-    assert [h["epoch"] for h in res.history] == [1, 2, 3, 4]
-    sizes = [h["world_size"] for h in res.history]
+    assert [h.epoch for h in res.history] == [1, 2, 3, 4]
+    sizes = [h.world_size for h in res.history]
     assert sizes[0] == 2 and sizes[-1] == 1, sizes
     # The lr follows the global batch of the live workers (per-worker batch fixed at 32).
-    assert res.history[-1]["global_batch"] == 32
+    assert res.history[-1].global_batch == 32

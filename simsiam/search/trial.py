@@ -72,7 +72,7 @@ def run_trial(tune_config: dict, *, base: dict, train_path: str, eval_path: str 
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from simsiam.train import pretrain
+    from simsiam.run import RunSpec, Status, pretrain_and_evaluate
 
     t0 = time.time()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -82,44 +82,26 @@ def run_trial(tune_config: dict, *, base: dict, train_path: str, eval_path: str 
     except C.ConfigError as e:
         raise TrialFailed(f"invalid config for this trial: {e}") from None
 
-    pre = pretrain(cfg, train_path, eval_path, train_storage, callbacks=[TuneReportCallback()],
-                   linear_fit_path=train_path)
-    status, reason = pre.status, pre.reason
-    if status == "failed":
-        raise TrialFailed(reason or "pretraining failed")
-    if classify_collapse and status == "finished":
-        verdict = final_collapse(pre.history, cfg)
-        if verdict.status != "healthy":
-            status, reason = verdict.status, verdict.reason
-    evaluate = cfg.eval.enabled and pre.checkpoint and (
-        status == "finished" or (classify_collapse and status in ("collapsed", "collapsing")))
-    top1 = top5 = None
-    if evaluate:
-        from simsiam.evaluate import linear_eval
-
-        try:
-            ev = pre.linear_result() or linear_eval(cfg, pre.checkpoint, train_path, eval_path, train_storage)
-        except Exception as e:  # noqa: BLE001 - recorded as this trial's failure; the search goes on
-            raise TrialFailed(f"linear evaluation failed: {type(e).__name__}: {e}") from e
-        top1, top5 = ev.get("top1"), ev.get("top5")
-    last = pre.last
-    knn = next((h["knn_top1"] for h in reversed(pre.history) if h.get("knn_top1") is not None), None)
+    spec = RunSpec(cfg, train_path, eval_path, train_storage, linear_fit_path=train_path)
+    out = pretrain_and_evaluate(spec, [TuneReportCallback()], judge_collapse=classify_collapse)
+    if out.status == Status.FAILED:  # a crash in training or evaluation; collapsed or diverged runs report
+        raise TrialFailed(out.reason or "pretraining failed")
     # No 'epoch' key here: ASHA acts only on results carrying its time attribute, so this final result
-    # can never stop the trial it concludes.
+    # can never stop the trial it concludes. The final_* keys are the search CSV's names.
     ray.tune.report({
-        "status": status,
-        "reason": reason,
-        OBJECTIVE: top1,
-        "linear_top5": top5,
-        "epochs_completed": len(pre.history),
-        "steps": last.get("step", 0),
-        "final_knn_top1": knn,
-        "final_collapse_std": last.get("collapse_std"),
-        "final_effective_rank": last.get("effective_rank"),
-        "history_json": json.dumps(pre.history) if report_history else "",
+        "status": str(out.status),
+        "reason": out.reason,
+        OBJECTIVE: out.linear_top1,
+        "linear_top5": out.linear_top5,
+        "epochs_completed": out.epochs_completed,
+        "steps": out.steps,
+        "final_knn_top1": out.knn_top1,
+        "final_collapse_std": out.collapse_std,
+        "final_effective_rank": out.effective_rank,
+        "history_json": json.dumps(out.history_dicts()) if report_history else "",
         "overrides_json": json.dumps(overrides, default=str),
-        "checkpoint": pre.checkpoint or "",
-        "tensorboard": f"{pre.run_path}/tensorboard" if pre.run_path else "",
+        "checkpoint": out.checkpoint or "",
+        "tensorboard": out.tensorboard or "",
         "trial_wall_s": round(time.time() - t0, 2),
     })
 
