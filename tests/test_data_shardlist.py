@@ -17,7 +17,7 @@ from simsiam.data.schema import DataError, list_shards, read_metadata, validate_
 
 @pytest.fixture(scope="module")
 def digits(digits_cache) -> tuple[Path, Path]:
-    train, test = resolve_paths(C.load("sample", {"data.cache_dir": digits_cache}).data)
+    train, test = resolve_paths(C.load("sample", {"data.cache_dir": digits_cache, "data.path": "builtin:digits"}).data)
     return Path(train), Path(test)
 
 
