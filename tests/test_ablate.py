@@ -45,7 +45,7 @@ def test_select_by_study_and_variant():
 
 
 def test_grid_shares_runs_between_identical_variants_and_resolves_one_epoch():
-    base = C.load("sample", {"train.max_steps_per_epoch": 0})  # batch 128, d 512
+    base = C.load("sample", {"train.max_steps_per_epoch": 0, "optim.batch_size": 128})  # d 512
     grid = A.build_grid(base, A.select(["stop_gradient", "predictor", "similarity", "target_refresh"]), 1437)
     key = {(r.study, r.variant): r.key for r in grid.rows}
     # The sample's own setting appears in four studies and runs once.

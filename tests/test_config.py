@@ -17,7 +17,7 @@ def test_presets_load_and_validate(preset):
 
 def test_sample_preset_is_the_small_cpu_model():
     cfg = load("sample")
-    assert cfg.model.backbone == "small" and cfg.data.image_size == 16 and cfg.optim.batch_size == 128
+    assert cfg.model.backbone == "small" and cfg.data.image_size == 16 and cfg.optim.batch_size == 64
 
 
 def test_overrides_are_typed_against_the_field():
