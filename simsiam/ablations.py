@@ -205,13 +205,11 @@ def _trend_text(verdict: Any) -> str:
 
 
 def _verdict(base: C.Config | None, overrides: Mapping[str, Any], rec: Any) -> Any:
-    from simsiam.metrics import collapse_verdict
+    from simsiam.run import final_collapse
 
     if base is None or rec is None or not rec.history:
         return None
-    cfg = base.replace(dict(overrides)) if overrides else base
-    return collapse_verdict(list(rec.history), cfg.model.dim, cfg.optim.batch_size // cfg.train.num_workers,
-                            cfg.train.collapse_guard)
+    return final_collapse(rec.history, base.replace(dict(overrides)) if overrides else base)
 
 
 def summarize(grid: Grid, records: Mapping[tuple[str, int], Any], seeds: Sequence[int],

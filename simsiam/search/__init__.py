@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from simsiam.run import final_collapse
 from simsiam.search.driver import (
     EXPERIMENT,
     SNAPSHOT_PERIOD_S,
@@ -87,7 +88,6 @@ from simsiam.search.trial import (
     TrialRecord,
     classify,
     collect_results,
-    final_collapse,
     finite_number,
     make_trainable,
     record_from_result,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,18 +42,6 @@ def trial_overrides(tune_config: Mapping[str, Any], variants: Mapping[str, Mappi
         out["train.seed"] = int(tune_config["seed"])
     out.update({k: v for k, v in tune_config.items() if "." in k})
     return out
-
-
-def final_collapse(history: Sequence[Mapping[str, Any]], cfg: C.Config):
-    """The collapse verdict (:func:`simsiam.metrics.collapse_verdict`) of a run from its per-epoch
-    history: ``collapsed`` when the LAST epoch's mean std or rank is under the collapse guard's
-    thresholds, ``collapsing`` when one is still above but falling steadily towards it, else
-    ``healthy``. How ablations, which run with the guard off, tell a collapsed variant from a healthy
-    one without the verdict hinging on the budget."""
-    from simsiam.metrics import collapse_verdict
-
-    return collapse_verdict(list(history), cfg.model.dim, cfg.optim.batch_size // cfg.train.num_workers,
-                            cfg.train.collapse_guard)
 
 
 def run_trial(tune_config: dict, *, base: dict, train_path: str, eval_path: str | None, train_storage: str,
