@@ -59,8 +59,9 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
     out_dir.mkdir(parents=True, exist_ok=True)
     C.dump(cfg, out_dir / "config.yaml")
     results = {**failed("").results(), "config": cfg.to_dict()}
+    storage = cfg.run.storage_path or str(out_dir / "ray")
     try:
-        _run(cfg, out_dir, address, results)
+        _run(cfg, out_dir, storage, address, results)
     except (DataError, ConfigError, sio.StorageError) as e:  # found before any work: the message says what to fix
         results.update(status="failed", reason=str(e), failed_in="checks")
     except Exception as e:  # noqa: BLE001 - recorded in results.json; the traceback goes to the log
@@ -74,18 +75,16 @@ def run(cfg: C.Config, out_dir: str | os.PathLike, address: str | None = None) -
     except Exception as e:  # noqa: BLE001 - a picture that cannot be drawn does not fail the run
         console.warn(f"run_summary.png not drawn: {type(e).__name__}: {e} (traceback in {console.log_exception(e)})")
     atomic_write_json(out_dir / "results.json", results)
-    storage = cfg.run.storage_path or str(out_dir / "ray")
     if sio.is_uri(storage) and results.get("run_path"):
         # On a cluster the out-dir is the head's local disk (gone with a KubeRay pod): keep a copy by the run.
         atomic_write_json(sio.join(storage, cfg.run.name, "results.json"), results)
     return results
 
 
-def _run(cfg: C.Config, out_dir: Path, address: str | None, results: dict) -> None:
+def _run(cfg: C.Config, out_dir: Path, storage: str, address: str | None, results: dict) -> None:
     from simsiam import console
     from simsiam.data.preflight import preflight
 
-    storage = cfg.run.storage_path or str(out_dir / "ray")
     sio.check_locations({"data.path": cfg.data.path, "data.eval_path": cfg.data.eval_path},
                         {"run.storage_path": cfg.run.storage_path})
     data = preflight(cfg.data, labeled_eval=bool(cfg.train.knn_every or cfg.eval.enabled))

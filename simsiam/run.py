@@ -95,8 +95,8 @@ class RunOutcome:
     """What a run ended with. ``checkpoint`` is the latest checkpoint (a directory or URI),
     ``linear`` the linear evaluation's result (``top1``, ``top5``, ``baselines``, ... as
     :func:`simsiam.evaluate.linear_eval` returns it), ``replicas`` the per-rank parameter hashes
-    gathered when ``train.replica_check`` is on. ``evaluation_error`` says why the evaluation failed;
-    the pretraining's own outcome (status, history, checkpoint) is kept beside it."""
+    gathered when :func:`simsiam.train.pretrain` is asked to (``check_replicas``). ``evaluation_error``
+    says why the evaluation failed; the pretraining's own outcome (status, history, checkpoint) is kept beside it."""
 
     status: Status
     reason: str = ""

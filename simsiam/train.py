@@ -247,8 +247,8 @@ def pretrain(spec: RunSpec, callbacks: Sequence[Any] = (), *, on_report: Callabl
             result = trainer.fit()
         except ray.train.TrainingFailedError as e:
             return failed_run(spec, e)
-    outcome = result.return_value
+    outcome, run_path = result.return_value, with_scheme(result.path, spec.storage_path)
     if not isinstance(outcome, RunOutcome):
-        return RunOutcome(Status.FAILED, "no outcome returned by the workers", run_path=result.path)
+        return RunOutcome(Status.FAILED, "no outcome returned by the workers", run_path=run_path)
     checkpoint = with_scheme(result.checkpoint.path, spec.storage_path) if result.checkpoint is not None else None
-    return dataclasses.replace(outcome, checkpoint=checkpoint, run_path=result.path)
+    return dataclasses.replace(outcome, checkpoint=checkpoint, run_path=run_path)

@@ -101,6 +101,7 @@ def test_run_across_two_nodes_with_everything_on_s3(isolated_nodes, s3, digits_c
     assert [h["epoch"] for h in res["history"]] == [1, 2]
     assert {h["world_size"] for h in res["history"]} == {2}
     assert res["checkpoint"].startswith(storage + "/apart/checkpoint_")
+    assert res["run_path"] == storage + "/apart" and res["tensorboard"] == storage + "/apart/tensorboard"
     assert res["linear_top1"] is not None
     keys = s3.keys_of(storage + "/apart")
     assert "ray/apart/results.json" in keys
