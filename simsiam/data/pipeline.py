@@ -234,7 +234,9 @@ def iter_train_batches(shard: Any, data_cfg: DataConfig, batch_size: int, seed: 
         device=device, pin_memory=device.type == "cuda",
     )):
         v1, v2, valid = batch["view1"], batch["view2"], batch["valid"]
-        n_bad = int((~valid).sum())
+        # Under on_bad_image "error" every row is valid (a bad one raised in the map), so the count, a
+        # device-to-host sync per step on a GPU, is only taken where rows can be skipped.
+        n_bad = int((~valid).sum()) if data_cfg.on_bad_image == "skip" else 0
         if n_bad:
             v1, v2 = v1[valid], v2[valid]
         yield v1, v2, n_bad
