@@ -231,3 +231,23 @@ def test_tiny_imagenet_layout_and_a_filename_index_file(tmp_path):
         convert(src, tmp_path / "o4", val_labels=labels)
     json.dumps(read_metadata(str(tmp_path / "out2/val"))["source"])  # the labels file is in the fingerprint
     assert read_metadata(str(tmp_path / "out2/val"))["source"]["labels_file"] == str(labels.resolve())
+
+
+def test_the_held_out_stand_in_is_a_class_folder_set_that_convert_reads(tmp_path):
+    """tools/heldout_proxy.py (the README's check that `sample` is not tuned to one generator) writes
+    32 px RGB PNGs in train/ and val/ class folders, the same bytes for the same seed."""
+    from tools.heldout_proxy import CLASSES
+    from tools.heldout_proxy import main as proxy_main
+
+    assert proxy_main([str(tmp_path / "a"), "--train-per-class", "3", "--val-per-class", "2", "--seed", "4"]) == 0
+    assert proxy_main([str(tmp_path / "b"), "--train-per-class", "3", "--val-per-class", "2", "--seed", "4"]) == 0
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*") if p.is_file())
+    assert len(files) == 5 * len(CLASSES) and not [f for f in files if f.suffix != ".png"]
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    with Image.open(tmp_path / "a" / files[0]) as im:
+        assert im.size == (32, 32) and im.mode == "RGB"
+    convert(tmp_path / "a", tmp_path / "out")
+    for split, n in (("train", 3), ("val", 2)):
+        meta = read_metadata(str(tmp_path / "out" / split))
+        assert meta["class_names"] == sorted(CLASSES)
+        assert meta["counts"] == {str(i): n for i in range(len(CLASSES))}
