@@ -48,6 +48,15 @@ def digits_cache(tmp_path_factory) -> str:
     return cache
 
 
+@pytest.fixture(scope="session")
+def shapes_cache(digits_cache) -> str:
+    """The same data.cache_dir with the built-in shapes (the sample preset's data) converted too."""
+    from simsiam.data import resolve_paths
+
+    resolve_paths(C.load("sample", {"data.cache_dir": digits_cache}).data)
+    return digits_cache
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 (for dashboards of extra clusters started by a test)."""
     import socket

@@ -17,9 +17,9 @@ RAW_PIXELS_MARGIN = 25.0
 RANDOM_INIT_MARGIN = 10.0
 
 
-def test_sample_preset_beats_raw_pixels_and_random_init(ray_local, digits_cache, tmp_path, capfd):
+def test_sample_preset_beats_raw_pixels_and_random_init(ray_local, shapes_cache, tmp_path, capfd):
     out_dir = tmp_path / "sample"
-    assert main(["sample", "--set", f"data.cache_dir={digits_cache}", "--out-dir", str(out_dir)]) == 0
+    assert main(["sample", "--set", f"data.cache_dir={shapes_cache}", "--out-dir", str(out_dir)]) == 0
     last = capfd.readouterr().out.strip().splitlines()[-1]  # the console writes to fd 1
     res = json.loads((out_dir / "results.json").read_text())
     assert res["status"] == "finished" and res["config"]["data"]["path"] == "builtin:shapes"
