@@ -116,8 +116,7 @@ def run_ablations(base: C.Config, studies: list[str] | None, variants: list[str]
     console.text(S.format_table(agg, ["study", "variant", "linear_top1_mean", "linear_top1_std", "collapse_std",
                                       "effective_rank", "trend", "status", "paper_imagenet"]))
     summary = {
-        "variants": len(grid.rows), "runs": len(grid.runs) * len(seed_list), "results": len(per_seed),
-        "resumed": resumed,
+        "variants": len(grid.rows), "runs": len(grid.runs) * len(seed_list), "resumed": resumed,
         "by_status": {s: sum(r["status"] == s for r in per_seed) for s in sorted({r["status"] for r in per_seed})},
         "resources": release, "wall_s": round(time.time() - t0, 2),
         "markdown": str(out / "ablations.md"), "csv": str(out / "ablations.csv"), "plot": str(out / "ablations.png"),
@@ -139,10 +138,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipelines.ablate"
                              max_concurrent=args.max_concurrent, address=args.address)
 
     def done(summary: dict) -> tuple[str, int]:
-        failed = summary["by_status"].get("failed", 0) + summary["by_status"].get("missing", 0)
         # by_status counts variant rows (a run shared by several studies counts once per study).
-        statuses = ", ".join(f"{n} {s}" for s, n in summary["by_status"].items())
-        return (f"ablations done: {summary['results']} results ({statuses}) from {summary['runs']} runs, "
+        by_status = summary["by_status"]
+        statuses = ", ".join(f"{n} {s}" for s, n in by_status.items())
+        failed = by_status.get("failed", 0) + by_status.get("missing", 0)
+        return (f"ablations done: {sum(by_status.values())} results ({statuses}) from {summary['runs']} runs, "
                 f"wall {summary['wall_s']:.0f} s; {summary['markdown']}", 0 if failed == 0 else 1)
 
     return S.run_command("ablate", load, args.out_dir, args.verbose, work, done)

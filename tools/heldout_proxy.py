@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from simsiam.io import atomic_write_bytes
 
 CLASSES = ("ring", "hexagon", "arrow", "crescent", "cross", "bars")
 SIZE = 32
@@ -97,17 +99,16 @@ def render(cls: str, rng: np.random.Generator) -> Image.Image:
 
 
 def write(dest: Path, per_class: dict[str, int], seed: int) -> None:
-    """Write ``per_class[split]`` images of every class under dest/split/class/ (temp name, then rename)."""
+    """Write ``per_class[split]`` images of every class under dest/split/class/, each file whole or absent."""
     for s, (split, count) in enumerate(per_class.items()):
         rng = np.random.default_rng([seed, s])
         for cls in CLASSES:
             folder = dest / split / cls
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                path = folder / f"{cls}_{i:05d}.png"
-                tmp = path.with_suffix(".png.tmp")
-                render(cls, rng).save(tmp, format="PNG")
-                os.replace(tmp, path)
+                png = io.BytesIO()
+                render(cls, rng).save(png, format="PNG")
+                atomic_write_bytes(folder / f"{cls}_{i:05d}.png", png.getbuffer())
 
 
 def main(argv: list[str] | None = None) -> int:
