@@ -157,7 +157,7 @@ def _step_loop(cfg: C.Config, batch: int, steps: int, warmup: int, device: torch
         gen = torch.Generator(device=device).manual_seed(0)
         v1 = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device, generator=gen)
         v2 = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=device, generator=gen)
-        window = StepMetrics(device, 1)
+        window = StepMetrics(device, 1, cfg.train.collapse_guard.rank_rows)
         for i in range(warmup + steps):
             if i == warmup:
                 _sync(device)

@@ -46,7 +46,7 @@ def pairs_per_s(cfg: C.Config, batch: int, steps: int, warmup: int, metrics: boo
     v1 = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=dev)
     v2 = torch.randint(0, 256, (batch, 3, s, s), dtype=torch.uint8, device=dev)
     gen = torch.Generator(device=dev).manual_seed(0)
-    window = StepMetrics(dev, 1)
+    window = StepMetrics(dev, 1, cfg.train.collapse_guard.rank_rows)
     for i in range(warmup + steps):
         if i == warmup:
             _sync()

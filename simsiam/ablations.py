@@ -288,9 +288,9 @@ def _vs(value: float | None, threshold: float | None, digits: int) -> str:
 def markdown(agg: Sequence[Mapping[str, Any]], per_seed: Sequence[Mapping[str, Any]], base: C.Config,
              seeds: Sequence[int], guard_on: bool) -> str:
     """ablations.md: one table per study in the paper's shape, then every run."""
-    from simsiam.metrics import healthy_std
+    from simsiam.metrics import healthy_std, rank_threshold
 
-    d = base.model.dim
+    d, batch = base.model.dim, base.optim.batch_size // base.train.num_workers
     guard = ("on (a run under a threshold for its window of steps stops early)" if guard_on
              else "off (collapse is shown, not stopped)")
     lines = [
@@ -302,7 +302,8 @@ def markdown(agg: Sequence[Mapping[str, Any]], per_seed: Sequence[Mapping[str, A
         "seeds; collapse std (of l2-normalised z, healthy ~ 1/sqrt(d) = "
         f"{healthy_std(d):.4f}) and effective rank are the last epoch's means. A run counts as collapsed when "
         f"either is under the collapse guard's thresholds (std < {base.train.collapse_guard.std_ratio:g}/sqrt(d), "
-        f"rank < {base.train.collapse_guard.rank_ratio:g} x min(batch, d)); each is shown beside its threshold "
+        f"rank < {rank_threshold(base.train.collapse_guard, batch, d)[1]}, the rank measured on the first "
+        "rows of each batch); each is shown beside its threshold "
         "with value / threshold (under 1.00x is collapsed). The trend column is the least-squares change "
         "per epoch over the last third of the run (at least 3 epochs), marked `falling` when it is at least "
         "2 standard errors below 0. A run above both thresholds with a falling std or rank that, at that "
@@ -353,6 +354,7 @@ def plot_curves(grid: Grid, records: Mapping[tuple[str, int], Any], seeds: Seque
     import matplotlib.pyplot as plt
 
     from simsiam.io import atomic_write_bytes
+    from simsiam.metrics import rank_threshold
 
     studies = list(dict.fromkeys(r.study for r in grid.rows))
     metrics = (("collapse_std", "collapse std (l2-normalised z)"), ("effective_rank", "effective rank"),
@@ -360,9 +362,12 @@ def plot_curves(grid: Grid, records: Mapping[tuple[str, int], Any], seeds: Seque
     fig, axes = plt.subplots(len(studies), 3, figsize=(15, 3.6 * len(studies)), squeeze=False)
     for i, name in enumerate(studies):
         rows = [r for r in grid.rows if r.study == name]
-        # Thresholds depend on d and the batch; where the variants change those, no single line fits.
-        ref = base is not None and not any(k in grid.runs.get(r.key, {}) for r in rows
-                                           for k in ("model.dim", "optim.batch_size"))
+        # The thresholds depend on d, and on the batch only under rank_rows: where the variants change
+        # them, no single line fits.
+        ref = base is not None and not any(
+            "model.dim" in grid.runs.get(r.key, {})
+            or int(grid.runs.get(r.key, {}).get("optim.batch_size", base.optim.batch_size)) // base.train.num_workers
+            < base.train.collapse_guard.rank_rows for r in rows)
         for j, (key, title) in enumerate(metrics):
             ax = axes[i][j]
             for c, row in enumerate(rows):
@@ -381,7 +386,7 @@ def plot_curves(grid: Grid, records: Mapping[tuple[str, int], Any], seeds: Seque
                     ax.axhline(1 / math.sqrt(d), color="grey", ls=":", lw=1, label="healthy 1/sqrt(d)")
                     ax.axhline(g.std_ratio / math.sqrt(d), color="red", ls="--", lw=1, label="collapse threshold")
                 else:
-                    ax.axhline(g.rank_ratio * min(batch, d), color="red", ls="--", lw=1, label="collapse threshold")
+                    ax.axhline(rank_threshold(g, batch, d)[0], color="red", ls="--", lw=1, label="collapse threshold")
             ax.set_title(f"{STUDIES[name].title}: {title}", fontsize=9)
             ax.set_xlabel("training step")
             ax.grid(alpha=0.3)

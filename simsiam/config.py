@@ -123,7 +123,13 @@ class DataConfig:
 class CollapseGuardConfig:
     enabled: bool = _f(True, "stop a run whose representation has collapsed")
     std_ratio: float = _f(0.5, "collapsed when std(z/|z|) < std_ratio / sqrt(d)", ge=0.0, le=1.0)
-    rank_ratio: float = _f(0.2, "collapsed when effective rank < rank_ratio x min(batch, d)", ge=0.0, le=1.0)
+    rank_ratio: float = _f(0.2, "collapsed when effective rank < rank_ratio x min(rank_rows, batch, d)",
+                           ge=0.0, le=1.0)
+    # A healthy projection's rank grows with the rows it is measured on and saturates well under d (the
+    # sample's default: 28 over 64 rows, 88 over 512, 101 over 4096), so a threshold scaled with the batch
+    # judged healthy large-batch runs collapsed. A fixed row count keeps one threshold right at every batch.
+    rank_rows: int = _f(64, "the effective rank is measured on the first rank_rows projections of each "
+                            "worker's batch (all of it when smaller)", ge=2)
     window_steps: int = _f(50, "consecutive collapsed steps before the run is stopped", ge=1)
 
 

@@ -98,7 +98,7 @@ class EpochTrainer:
         self.guard = CollapseGuard(cfg.train.collapse_guard, cfg.model.dim)
         self.step_fn = SimSiamStep(model, cfg, device)
         self.gen = torch.Generator(device=device)
-        self.window = StepMetrics(device, world)
+        self.window = StepMetrics(device, world, cfg.train.collapse_guard.rank_rows)
         self.step = 0
 
     # ------------------------------------------------------------------ checkpoint state

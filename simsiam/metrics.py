@@ -6,7 +6,10 @@ Two collapse indicators, because each has a blind spot the other covers:
   the outputs spread over the sphere, 0 when they all become one vector.
 * :func:`effective_rank` - RankMe (Garrido et al. 2023). The projector ends in a BN without affine,
   which forces every channel to unit variance in training mode, so the std can stay near 1/sqrt(d)
-  while the embeddings fall onto a few directions (dimensional collapse); the rank sees that.
+  while the embeddings fall onto a few directions (dimensional collapse); the rank sees that. It is
+  measured on a fixed number of rows (``rank_rows``, :func:`rank_threshold`), not the whole batch: a
+  healthy batch's rank grows with its rows, a collapsed one's does not, so one threshold serves every
+  batch size.
 
 Everything here is pure torch, runs on whatever device its inputs live on, and never builds autograd
 graphs, so a training loop can call it on live tensors.
@@ -14,7 +17,7 @@ graphs, so a training loop can call it on live tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,11 +104,19 @@ def effective_rank(z: torch.Tensor) -> float:
     return rank_from_gram(*centred_gram(z))
 
 
+def rank_threshold(cfg: CollapseGuardConfig, batch_size: int, dim: int) -> tuple[float, str]:
+    """The effective-rank threshold for a worker batch of ``batch_size`` projections of ``dim`` channels,
+    and its rule in words: ``rank_ratio x min(rows, d)`` over the ``rows = min(batch, rank_rows)`` rows the
+    rank is measured on (:class:`simsiam.step.StepMetrics`)."""
+    rows = min(batch_size, cfg.rank_rows)
+    return cfg.rank_ratio * min(rows, dim), f"{cfg.rank_ratio:g} x min(rows {rows}, d {dim})"
+
+
 class CollapseGuard:
     """Decides when a run has collapsed, so the trainer can stop wasting compute on it.
 
     Collapsed means EITHER metric stayed under its threshold for ``cfg.window_steps`` consecutive
-    updates: ``std < std_ratio / sqrt(d)`` or ``rank < rank_ratio * min(batch, d)``. A non-finite
+    updates: ``std < std_ratio / sqrt(d)`` or rank under :func:`rank_threshold`. A non-finite
     value (a diverged run) counts as under the threshold. Once tripped it stays tripped; ``reason``
     says which metric, its last value and the threshold. ``state_dict``/``load_state_dict`` carry the
     counters across a resume, so a run cannot dodge the guard by restarting."""
@@ -122,7 +133,7 @@ class CollapseGuard:
 
     def thresholds(self, batch_size: int) -> tuple[float, float]:
         """(std threshold, rank threshold) for a batch of ``batch_size`` embeddings."""
-        return self.cfg.std_ratio / math.sqrt(self.dim), self.cfg.rank_ratio * min(batch_size, self.dim)
+        return self.cfg.std_ratio / math.sqrt(self.dim), rank_threshold(self.cfg, batch_size, self.dim)[0]
 
     def update(self, std: float, rank: float, batch_size: int) -> bool:
         """Record one step's metrics; True once the run counts as collapsed (and from then on)."""
@@ -144,7 +155,7 @@ class CollapseGuard:
         elif self.rank_steps >= window:
             self.collapsed = True
             self.reason = (f"representation collapsed: effective rank of the projections was below "
-                           f"{rank_thr:.4g} ({self.cfg.rank_ratio:g} x min(batch {batch_size}, d {self.dim})) "
+                           f"{rank_thr:.4g} ({rank_threshold(self.cfg, batch_size, self.dim)[1]}) "
                            f"for {self.rank_steps} consecutive steps; last value {rank:.4g}")
         return self.collapsed
 
@@ -227,6 +238,14 @@ def _trend(name: str, values: list[float], threshold: float) -> MetricTrend:
                        eta is not None and eta <= horizon, eta)
 
 
+def measured_batch(history: list[Mapping[str, Any]], batch_size: int) -> int:
+    """The per-worker batch a history's metrics were measured on: its last epoch's
+    ``global_batch / world_size`` where recorded (an elastic run changes it), else ``batch_size``."""
+    if history and "global_batch" in history[-1]:
+        return int(history[-1]["global_batch"]) // max(int(history[-1].get("world_size", 1)), 1)
+    return batch_size
+
+
 def collapse_verdict(history: list[dict], dim: int, batch_size: int, cfg: CollapseGuardConfig) -> CollapseVerdict:
     """Judge a finished run from its per-epoch means (``collapse_std``, ``effective_rank``).
 
@@ -234,12 +253,11 @@ def collapse_verdict(history: list[dict], dim: int, batch_size: int, cfg: Collap
     above its threshold at the last epoch but falling steadily (the least-squares slope over the last
     third of the run, at least 3 epochs, is :data:`TREND_T` standard errors below 0) fast enough to
     cross the threshold within as many more epochs as the run has had, is ``collapsing``, not healthy.
-    The rank threshold uses the per-worker batch the rank was measured on: the last epoch's
-    ``global_batch / world_size`` where recorded, else ``batch_size``."""
-    if history and "global_batch" in history[-1]:
-        batch_size = int(history[-1]["global_batch"]) // max(int(history[-1].get("world_size", 1)), 1)
+    The rank threshold (:func:`rank_threshold`) uses the per-worker batch the rank was measured on: the
+    last epoch's ``global_batch / world_size`` where recorded, else ``batch_size``."""
+    batch_size = measured_batch(history, batch_size)
     std_thr = cfg.std_ratio / math.sqrt(dim)
-    rank_thr = cfg.rank_ratio * min(batch_size, dim)
+    rank_thr, rank_rule = rank_threshold(cfg, batch_size, dim)
     if not history:
         nan = float("nan")
         return CollapseVerdict("healthy", "", MetricTrend("collapse std", nan, std_thr),
@@ -248,7 +266,7 @@ def collapse_verdict(history: list[dict], dim: int, batch_size: int, cfg: Collap
     rank = _trend("effective rank", [float(h.get("effective_rank", math.nan)) for h in history], rank_thr)
     epoch = history[-1].get("epoch", len(history))
     rules = {std.name: f"{cfg.std_ratio:g} / sqrt({dim})",
-             rank.name: f"{cfg.rank_ratio:g} x min(batch {batch_size}, d {dim})"}
+             rank.name: rank_rule}
     for m in (std, rank):
         if not math.isfinite(m.value) or m.value < m.threshold:
             return CollapseVerdict("collapsed", f"collapsed by the {m.name}: {m.value:.4g} < {m.threshold:.4g} "

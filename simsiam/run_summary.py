@@ -2,7 +2,7 @@
 
 Per epoch: the loss; the collapse std of the l2-normalised projections against 1/sqrt(d) (what a
 non-collapsed, roughly isotropic output has; the paper's Figure 2 middle panel); the effective rank
-against its ceiling min(batch, d); kNN accuracy, with the final linear top-1 and, when results.json
+against the collapse guard's threshold; kNN accuracy, with the final linear top-1 and, when results.json
 has them, the random-init and raw-pixel baselines as reference lines; the learning rate. The last
 panel states the outcome in words.
 """
@@ -11,8 +11,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
+from simsiam.config import CollapseGuardConfig
 from simsiam.io import atomic_save_figure
 
 FILE = "run_summary.png"
@@ -52,6 +54,8 @@ def plot_run_summary(results: Mapping[str, Any], path: str | os.PathLike) -> str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from simsiam.metrics import measured_batch, rank_threshold
+
     history = [h for h in results.get("history") or [] if isinstance(h, Mapping) and "epoch" in h]
     cfg = results.get("config") or {}
     dim = (cfg.get("model") or {}).get("dim")
@@ -82,7 +86,11 @@ def plot_run_summary(results: Mapping[str, Any], path: str | os.PathLike) -> str
         ax_std.legend(fontsize=8)
     line(ax_rank, "effective_rank", "effective rank (RankMe)")
     if dim and batch:
-        ax_rank.axhline(min(int(dim), int(batch)), color="gray", ls="--", label="min(batch, d)")
+        guard = (cfg.get("train") or {}).get("collapse_guard") or {}
+        guard = CollapseGuardConfig(**{f.name: guard[f.name] for f in fields(CollapseGuardConfig) if f.name in guard})
+        workers = max(int((cfg.get("train") or {}).get("num_workers", 1)), 1)
+        thr, rule = rank_threshold(guard, measured_batch(history, int(batch) // workers), int(dim))
+        ax_rank.axhline(thr, color="red", ls="--", label=f"collapse threshold, {rule}")
         ax_rank.legend(fontsize=8)
     line(ax_knn, "knn_top1", "kNN top-1 (%) per epoch", label="kNN (this run)")
     if results.get("linear_top1") is not None and history:

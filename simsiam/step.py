@@ -62,14 +62,16 @@ class StepMetrics:
     """Loss and both collapse metrics of every step, queued on the device and read back in windows
     (every ``train.log_every`` steps and at epoch end): one host sync per window instead of several per
     step, which cost 12% of a ResNet-50 step on an H200. Read-back values are averaged over workers, so
-    every rank takes the same stop decisions at the same step."""
+    every rank takes the same stop decisions at the same step. The effective rank is measured on the
+    batch's first ``rank_rows`` rows (:func:`simsiam.metrics.rank_threshold` says why)."""
 
-    def __init__(self, device: torch.device, world: int):
-        self.device, self.world = device, world
+    def __init__(self, device: torch.device, world: int, rank_rows: int):
+        self.device, self.world, self.rank_rows = device, world, rank_rows
         self._rows: list[tuple] = []
 
     def add(self, step: int, loss: torch.Tensor, z: torch.Tensor, lr: float) -> None:
-        self._rows.append((step, lr, z.shape[0], loss.detach().double(), collapse_std_tensor(z), centred_gram(z)))
+        self._rows.append((step, lr, z.shape[0], loss.detach().double(), collapse_std_tensor(z),
+                           centred_gram(z[:self.rank_rows])))
 
     def flush(self) -> list[dict]:
         if not self._rows:

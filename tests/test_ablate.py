@@ -98,9 +98,9 @@ def test_summary_markdown_csv_and_plot(tmp_path):
 
     md = A.markdown(agg, per_seed, base, [0, 1], guard_on=False)
     assert "## Stop-gradient (Figure 2)" in md and "## Predictor MLP (Table 1)" in md
-    # Final values beside their thresholds (sample: std 0.5/sqrt(d), rank 0.2 x min(batch, d)) and the trend.
+    # Final values beside their thresholds (sample: std 0.5/sqrt(d), rank 0.2 x min(rows, d)) and the trend.
     std_thr = 0.5 / base.model.dim ** 0.5
-    rank_thr = 0.2 * min(base.optim.batch_size, base.model.dim)
+    rank_thr = 0.2 * min(base.optim.batch_size, 64, base.model.dim)
     assert by["default"]["std_threshold"] == pytest.approx(std_thr)
     assert by["default"]["rank_threshold"] == pytest.approx(rank_thr)
     assert per_seed[0]["rank_margin"] == pytest.approx(56.0 / rank_thr)

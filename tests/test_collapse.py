@@ -71,7 +71,9 @@ def train(cfg: Config, images: torch.Tensor, seed: int = 0) -> list[dict]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        log.append({"loss": loss.item(), "std": collapse_std(out.z1), "rank": effective_rank(out.z1)})
+        rows = cfg.train.collapse_guard.rank_rows  # what the trainer hands the guard
+        log.append({"loss": loss.item(), "std": collapse_std(out.z1), "rank": effective_rank(out.z1),
+                    "guard_rank": effective_rank(out.z1[:rows])})
     return log
 
 
@@ -117,5 +119,5 @@ def test_default_run_stays_healthy(runs):
     assert r["std"] == pytest.approx(healthy_std(cfg.model.dim), rel=0.05)
     assert r["rank"] > 0.4 * min(BATCH, cfg.model.dim)
     guard = CollapseGuard(cfg.train.collapse_guard, cfg.model.dim)
-    assert not any(guard.update(s["std"], s["rank"], BATCH) for s in r["log"]), guard.reason
+    assert not any(guard.update(s["std"], s["guard_rank"], BATCH) for s in r["log"]), guard.reason
     assert all(math.isfinite(s["loss"]) for run in runs.values() for s in run["log"])

@@ -18,9 +18,11 @@ from simsiam.metrics import (
     healthy_std,
     knn_accuracy,
     knn_predict,
+    rank_threshold,
     topk_accuracy,
     topk_correct,
 )
+from simsiam.step import StepMetrics
 
 
 def test_healthy_std_is_inverse_sqrt_dim():
@@ -118,13 +120,39 @@ def test_guard_trips_on_std_alone():
     assert "std" in g.reason and "0.0625" in g.reason and "0.01" in g.reason
 
 
-def test_guard_needs_consecutive_steps_and_uses_min_of_batch_and_dim():
+def test_guard_needs_consecutive_steps_and_uses_min_of_rows_and_dim():
     g = CollapseGuard(CFG, D)
     for _ in range(10):  # alternating low/high never completes a window
         assert not g.update(0.12, 5.0, 128)
         assert not g.update(*GOOD, 128)
-    # batch 16 < d: threshold 0.2 * 16 = 3.2, so rank 5 is healthy there
+    # batch 16 < rank_rows: the rank is measured on 16 rows, threshold 0.2 * 16 = 3.2, so rank 5 is healthy
     assert not any(g.update(0.12, 5.0, 16) for _ in range(10))
+
+
+def test_rank_threshold_does_not_grow_with_the_batch():
+    """Measured on the sample's default model (d 512) at its last epoch: effective rank 28 over 64 rows,
+    88 over 512, 101 over 4096, while the no-stop-gradient run stays at 1.4-1.7 at any row count. A
+    threshold scaled with the batch (0.2 x min(batch, d): 102.4 from batch 512 on) called every healthy
+    large-batch run collapsed; measured on a fixed 64 rows, the threshold is 12.8 at every batch."""
+    cfg = CollapseGuardConfig()
+    assert cfg.rank_rows == 64
+    assert [rank_threshold(cfg, b, 512)[0] for b in (64, 512, 4096)] == pytest.approx([12.8] * 3)
+    assert rank_threshold(cfg, 32, 512) == pytest.approx((6.4, "0.2 x min(rows 32, d 512)"))
+    assert rank_threshold(cfg, 4096, 16)[0] == pytest.approx(3.2)  # d under the rows bounds the rank
+    assert CollapseGuard(cfg, 512).thresholds(4096)[1] == pytest.approx(12.8)
+    assert collapse_verdict(_history([0.09] * 6, [88.0] * 6), 512, 4096, cfg).status == "healthy"
+
+
+def test_step_metrics_measure_the_rank_on_the_first_rank_rows():
+    torch.manual_seed(0)
+    z = torch.randn(256, 512)
+    window = StepMetrics(torch.device("cpu"), 1, rank_rows=64)
+    window.add(1, torch.tensor(-0.5), z, 0.1)
+    (row,) = window.flush()
+    assert row["batch"] == 256 and row["loss"] == pytest.approx(-0.5)
+    assert row["effective_rank"] == pytest.approx(effective_rank(z[:64]), rel=1e-6)
+    assert row["effective_rank"] < 64 < effective_rank(z)  # the whole batch would score ~4x higher
+    assert row["collapse_std"] == pytest.approx(collapse_std(z), rel=1e-6)  # the std still sees every row
 
 
 def test_guard_counts_non_finite_values_and_can_be_disabled():
@@ -245,14 +273,15 @@ def test_verdict_steady_fall_towards_the_threshold_is_collapsing_not_finished():
     assert v.status == "collapsing", v
     assert v.rank.falling and v.rank.slope == pytest.approx(-8.0) and v.rank.epochs_to_threshold == pytest.approx(0.4)
     assert "effective rank is still falling, 40 -> 16 over the last 3 epochs (-8/epoch)" in v.reason
-    assert "threshold 12.8 (0.2 x min(batch 128, d 64)) in ~0.4 more epochs" in v.reason
+    assert "threshold 12.8 (0.2 x min(rows 64, d 64)) in ~0.4 more epochs" in v.reason
     # The std, the same way: 0.12 -> 0.075 falling 0.015 an epoch, under 0.0625 in < 1 epoch.
     assert collapse_verdict(_history([0.2, 0.15, 0.12, 0.105, 0.09, 0.075], [40] * 6), D, 128, CFG).status == \
         "collapsing"
     # Noisy but steady over the last third of a longer run (measured: the digits without a predictor,
-    # epochs 10-15), 35.0 -> 30.1 at -0.86/epoch with a rise on the way: still collapsing.
+    # epochs 10-15, the rank measured on all 128 rows of its batch: threshold 25.6), 35.0 -> 30.1 at
+    # -0.86/epoch with a rise on the way: still collapsing.
     ranks = [82.1, 71.6, 60.9, 55.2, 50.7, 44.5, 42.7, 37.7, 35.2, 35.0, 32.5, 30.7, 31.3, 30.5, 30.1]
-    v = collapse_verdict(_history([0.043] * 15, ranks), 512, 128, CollapseGuardConfig())
+    v = collapse_verdict(_history([0.043] * 15, ranks), 512, 128, CollapseGuardConfig(rank_rows=128))
     assert v.status == "collapsing" and v.rank.epochs == 5 and v.rank.slope == pytest.approx(-0.86, abs=0.01)
 
 

@@ -223,17 +223,17 @@ def test_trial_overrides_and_final_collapse():
         "loss.stop_gradient": False, "train.seed": 1}
     with pytest.raises(S.TrialFailed, match="unknown variant"):
         S.trial_overrides({"variant": "w"}, {"v": {}})
-    cfg = C.load("sample", {"model.dim": 512, "optim.batch_size": 128})  # std thr 0.5/sqrt(512) = 0.0221, rank 25.6
-    healthy = [{"epoch": 2, "collapse_std": 0.044, "effective_rank": 56.0, "global_batch": 128, "world_size": 1}]
+    cfg = C.load("sample", {"model.dim": 512, "optim.batch_size": 64})  # std thr 0.5/sqrt(512) = 0.0221, rank 12.8
+    healthy = [{"epoch": 2, "collapse_std": 0.044, "effective_rank": 28.0, "global_batch": 64, "world_size": 1}]
     assert S.final_collapse(healthy, cfg).status == "healthy"
-    low_rank = [{**healthy[0], "effective_rank": 20.0}]
+    low_rank = [{**healthy[0], "effective_rank": 10.0}]
     v = S.final_collapse(low_rank, cfg)
-    assert v.status == "collapsed" and "effective rank: 20 < 25.6" in v.reason
-    assert v.rank.margin == pytest.approx(20 / 25.6) and v.std.margin == pytest.approx(0.044 * 512 ** 0.5 / 0.5)
+    assert v.status == "collapsed" and "effective rank: 10 < 12.8" in v.reason
+    assert v.rank.margin == pytest.approx(10 / 12.8) and v.std.margin == pytest.approx(0.044 * 512 ** 0.5 / 0.5)
     low_std = [{**healthy[0], "collapse_std": 0.001}]
     assert "collapse std" in S.final_collapse(low_std, cfg).reason
-    # Two workers: each computes the metrics on its own half of the batch.
-    assert S.final_collapse([{**low_rank[0], "world_size": 2}], cfg).status == "healthy"  # 20 >= 0.2 x 64
+    # Two workers: each computes the metrics on its own half of the batch, 32 rows (under rank_rows 64).
+    assert S.final_collapse([{**low_rank[0], "world_size": 2}], cfg).status == "healthy"  # 10 >= 0.2 x 32
 
 
 def test_asha_has_no_rung_at_the_last_epoch_and_its_grace_is_a_quarter_of_the_epochs():
@@ -272,7 +272,7 @@ def test_names_pickled_by_experiments_of_earlier_versions_still_resolve():
 
 # The sample preset shrunk (as tests/conftest.py's tiny_config) so a trial is seconds of compute, with
 # a collapse guard that acts within the few steps a trial has (healthy runs here keep an effective rank
-# ~40, three times the threshold of 0.2 x min(batch 64, d 128)).
+# ~40, three times the threshold of 0.2 x min(rows 64, d 128)).
 TINY = {"model.small_width": 16, "model.dim": 128, "model.pred_dim": 32, "optim.batch_size": 64,
         "train.epochs": 2, "train.max_steps_per_epoch": 3, "train.cpus_per_worker": 0.5, "train.log_every": 1,
         "train.collapse_guard.window_steps": 2, "data.data_cpus": 0.25, "eval.linear.epochs": 5}
