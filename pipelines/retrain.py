@@ -273,17 +273,37 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
                            say: Callable[[str], None]) -> Outcome:
     """Pretrain, evaluate, compare; fills ``record`` (metrics, decision, reason) and returns the outcome.
     Raises on failure; writes nothing to the registry's shared state."""
-    from simsiam.evaluate import linear_eval
     from simsiam.ray_utils import init_ray
-    from simsiam.run import pretrain_and_evaluate
 
-    run_dir = reg.run_dir(run_id)
-    fit, heldout, fingerprint = eval_spec
+    say(f"Ray: {init_ray(address)}; checkpoints in {storage}/{run_id}")
+    run_cfg = _run_config(cfg, reg, run_id, record, storage, eval_spec[1], promoted, say)
+    out = _pretrain_and_score(run_cfg, reg.run_dir(run_id), record, storage, eval_spec, say)
     n_new = len(record["inputs"]["new_shards"])
+    if out.status != Status.FINISHED:  # collapsed or diverged: a completed run whose model is not worth scoring
+        record.update(decision="not_promoted", reason=f"pretraining {out.status}: {out.reason}")
+        return Outcome("not_promoted", record["reason"], run_id, new_shards=n_new)
+    top1 = float(out.linear_top1)
+    record["metrics"].update(linear_top1=top1, linear_top5=out.linear_top5)
+    if promoted is None:
+        record.update(decision="promoted", reason=f"first model: linear top-1 {top1:.2f}%")
+        return Outcome("promoted", record["reason"], run_id, top1, None, n_new)
+    base = _baseline_top1(run_cfg, reg, run_id, record, storage, eval_spec, promoted, say)
+    versus = f"{base:.2f}% (run {promoted['run_id']}) + margin {cfg.retrain.margin:g}"
+    if top1 >= base + cfg.retrain.margin:
+        record.update(decision="promoted", reason=f"linear top-1 {top1:.2f}% >= {versus}")
+    else:
+        record.update(decision="not_promoted",
+                      reason=f"linear top-1 {top1:.2f}% < {versus}; run {promoted['run_id']} stays promoted")
+    return Outcome(record["decision"], record["reason"], run_id, top1, base, n_new)
+
+
+def _run_config(cfg: C.Config, reg: Registry, run_id: str, record: dict, storage: str, heldout: str,
+                promoted: dict | None, say: Callable[[str], None]) -> C.Config:
+    """The run's own config (its shard list, held-out set, warm start), saved beside its record."""
+    run_dir = reg.run_dir(run_id)
     # Every retrained model is scored (eval.enabled or not): the decision rests on its linear top-1.
     overrides: dict[str, Any] = {"run.name": run_id, "data.path": sio.join(run_dir, "train.shards.json"),
                                  "data.eval_path": heldout, "eval.enabled": True}
-    say(f"Ray: {init_ray(address)}; checkpoints in {storage}/{run_id}")
     if promoted is not None and cfg.retrain.warm_start:
         overrides["train.init_checkpoint"] = _reachable(reg, promoted["model"], storage, run_id)
         record["inputs"].update(warm_start_from=promoted["run_id"], init_checkpoint=overrides["train.init_checkpoint"])
@@ -291,18 +311,26 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
     run_cfg = cfg.replace(overrides)
     C.dump(run_cfg, sio.join(run_dir, "config.yaml"))
     reg.write_record(run_id, record)
+    return run_cfg
 
+
+def _pretrain_and_score(run_cfg: C.Config, run_dir: str, record: dict, storage: str,
+                        eval_spec: tuple[str, str, dict], say: Callable[[str], None]) -> RunOutcome:
+    """Pretrain and linear-evaluate through the one orchestrator, writing results.json (before the
+    evaluation too: a crash there keeps it). Raises when no model worth deciding on came out."""
     from simsiam.console import epoch_line
+    from simsiam.run import pretrain_and_evaluate
 
+    fit, heldout, _ = eval_spec
     results_file = sio.join(run_dir, "results.json")
 
-    def pretrained(pre: RunOutcome) -> None:  # written before the evaluation too: a crash there keeps it
+    def pretrained(pre: RunOutcome) -> None:
         _record_pretraining(record, pre)
         atomic_write_json(results_file, {**pre.results(), "config": run_cfg.to_dict()})
-        say(f"linear evaluation ({cfg.eval.linear.protocol} protocol): fitted on {fit}, scored on {heldout}"
+        say(f"linear evaluation ({run_cfg.eval.linear.protocol} protocol): fitted on {fit}, scored on {heldout}"
             + (" (in the pretraining run)" if pre.linear else ""))
 
-    spec = RunSpec(run_cfg, overrides["data.path"], heldout, storage, linear_fit_path=fit)
+    spec = RunSpec(run_cfg, run_cfg.data.path, heldout, storage, linear_fit_path=fit)
     out = pretrain_and_evaluate(spec, on_report=lambda m: say(epoch_line(m, run_cfg.train.epochs)),
                                 before_evaluation=pretrained)
     _record_pretraining(record, out)
@@ -311,16 +339,16 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
         raise RuntimeError(out.reason)
     if out.status == Status.FAILED or (out.status == Status.FINISHED and not out.checkpoint):
         raise RuntimeError(f"pretraining failed: {out.reason or 'no checkpoint was written'}")
-    if out.status != Status.FINISHED:  # collapsed or diverged: a completed run whose model is not worth scoring
-        record.update(decision="not_promoted", reason=f"pretraining {out.status}: {out.reason}")
-        return Outcome("not_promoted", record["reason"], run_id, new_shards=n_new)
-    top1 = float(out.linear_top1)
-    record["metrics"].update(linear_top1=top1, linear_top5=out.linear_top5)
+    return out
 
-    margin = cfg.retrain.margin
-    if promoted is None:
-        record.update(decision="promoted", reason=f"first model: linear top-1 {top1:.2f}%")
-        return Outcome("promoted", record["reason"], run_id, top1, None, n_new)
+
+def _baseline_top1(run_cfg: C.Config, reg: Registry, run_id: str, record: dict, storage: str,
+                   eval_spec: tuple[str, str, dict], promoted: dict, say: Callable[[str], None]) -> float:
+    """The promoted model's linear top-1 to beat: as recorded, or re-scored when the eval sets or the
+    protocol changed since it was scored (then kept in ``record['rebaseline']``)."""
+    from simsiam.evaluate import linear_eval
+
+    fit, heldout, fingerprint = eval_spec
     base = promoted.get("linear_top1")
     if promoted.get("eval") != fingerprint or base is None:
         say(f"the eval sets or protocol changed since run {promoted['run_id']} was scored; re-scoring it")
@@ -332,13 +360,7 @@ def _train_evaluate_decide(cfg: C.Config, reg: Registry, run_id: str, record: di
         record["rebaseline"] = {"run_id": promoted["run_id"], "linear_top1": base,
                                 "linear_top5": base_ev.get("top5"), "eval": fingerprint}
     record["baseline"] = {"run_id": promoted["run_id"], "linear_top1": base}
-    versus = f"{base:.2f}% (run {promoted['run_id']}) + margin {margin:g}"
-    if top1 >= base + margin:
-        record.update(decision="promoted", reason=f"linear top-1 {top1:.2f}% >= {versus}")
-    else:
-        record.update(decision="not_promoted",
-                      reason=f"linear top-1 {top1:.2f}% < {versus}; run {promoted['run_id']} stays promoted")
-    return Outcome(record["decision"], record["reason"], run_id, top1, base, n_new)
+    return float(base)
 
 
 def _record_pretraining(record: dict, pre: RunOutcome) -> None:
