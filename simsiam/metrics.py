@@ -17,7 +17,7 @@ graphs, so a training loop can call it on live tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -238,14 +238,6 @@ def _trend(name: str, values: list[float], threshold: float) -> MetricTrend:
                        eta is not None and eta <= horizon, eta)
 
 
-def measured_batch(history: list[Mapping[str, Any]], batch_size: int) -> int:
-    """The per-worker batch a history's metrics were measured on: its last epoch's
-    ``global_batch / world_size`` where recorded (an elastic run changes it), else ``batch_size``."""
-    if history and "global_batch" in history[-1]:
-        return int(history[-1]["global_batch"]) // max(int(history[-1].get("world_size", 1)), 1)
-    return batch_size
-
-
 def collapse_verdict(history: list[dict], dim: int, batch_size: int, cfg: CollapseGuardConfig) -> CollapseVerdict:
     """Judge a finished run from its per-epoch means (``collapse_std``, ``effective_rank``).
 
@@ -255,7 +247,8 @@ def collapse_verdict(history: list[dict], dim: int, batch_size: int, cfg: Collap
     cross the threshold within as many more epochs as the run has had, is ``collapsing``, not healthy.
     The rank threshold (:func:`rank_threshold`) uses the per-worker batch the rank was measured on: the
     last epoch's ``global_batch / world_size`` where recorded, else ``batch_size``."""
-    batch_size = measured_batch(history, batch_size)
+    if history and "global_batch" in history[-1]:
+        batch_size = int(history[-1]["global_batch"]) // max(int(history[-1].get("world_size", 1)), 1)
     std_thr = cfg.std_ratio / math.sqrt(dim)
     rank_thr, rank_rule = rank_threshold(cfg, batch_size, dim)
     if not history:

@@ -11,10 +11,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import fields
 from typing import Any
 
-from simsiam.config import CollapseGuardConfig
 from simsiam.io import atomic_save_figure
 
 FILE = "run_summary.png"
@@ -54,7 +52,8 @@ def plot_run_summary(results: Mapping[str, Any], path: str | os.PathLike) -> str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from simsiam.metrics import measured_batch, rank_threshold
+    from simsiam import config as C
+    from simsiam.run import final_collapse
 
     history = [h for h in results.get("history") or [] if isinstance(h, Mapping) and "epoch" in h]
     cfg = results.get("config") or {}
@@ -86,12 +85,13 @@ def plot_run_summary(results: Mapping[str, Any], path: str | os.PathLike) -> str
         ax_std.legend(fontsize=8)
     line(ax_rank, "effective_rank", "effective rank (RankMe)")
     if dim and batch:
-        guard = (cfg.get("train") or {}).get("collapse_guard") or {}
-        guard = CollapseGuardConfig(**{f.name: guard[f.name] for f in fields(CollapseGuardConfig) if f.name in guard})
-        workers = max(int((cfg.get("train") or {}).get("num_workers", 1)), 1)
-        thr, rule = rank_threshold(guard, measured_batch(history, int(batch) // workers), int(dim))
-        ax_rank.axhline(thr, color="red", ls="--", label=f"collapse threshold, {rule}")
-        ax_rank.legend(fontsize=8)
+        try:  # the threshold the run was judged by, from its own config (run.final_collapse)
+            verdict = final_collapse(history, C.from_dict(cfg))
+        except C.ConfigError:  # a results.json from another version: the picture without the line
+            verdict = None
+        if verdict is not None:
+            ax_rank.axhline(verdict.rank.threshold, color="red", ls="--", label="collapse threshold")
+            ax_rank.legend(fontsize=8)
     line(ax_knn, "knn_top1", "kNN top-1 (%) per epoch", label="kNN (this run)")
     if results.get("linear_top1") is not None and history:
         ax_knn.axhline(results["linear_top1"], color="C2", ls="-", lw=1, label="linear top-1 (final)")
