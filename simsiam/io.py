@@ -398,7 +398,8 @@ def put_if_absent(path: str | os.PathLike, data: bytes) -> str:
 
 def put_if_version(path: str | os.PathLike, data: bytes, version: str | None) -> str:
     """Replace ``path`` with ``data`` only if it is still at ``version`` (None: only if absent); returns the
-    new version. Raises :class:`PreconditionFailed` when someone changed it in between."""
+    new version. Raises :class:`PreconditionFailed` when someone changed it in between. On S3 the version
+    is the content's ETag, so a write of identical bytes in between leaves it, and the swap, valid."""
     path = str(path)
     if version is None:
         return put_if_absent(path, data)

@@ -74,16 +74,18 @@ def test_write_once_and_compare_and_swap(base):
 
 
 def test_concurrent_compare_and_swap_has_one_winner(base):
-    """Eight writers read the same version and swap at once: exactly one succeeds."""
+    """Eight writers read the same version and swap at once: exactly one succeeds. Every payload differs
+    from the first content: an S3 version is the content's MD5, so a writer storing the same bytes would
+    leave it unchanged and a second swap from it would rightly succeed."""
     p = sio.join(base, "counter")
-    v0 = sio.put_if_absent(p, b"0")
+    v0 = sio.put_if_absent(p, b"start")
     wins, losses = [], []
     barrier = threading.Barrier(8)
 
     def writer(i: int) -> None:
         barrier.wait()
         try:
-            sio.put_if_version(p, str(i).encode(), v0)
+            sio.put_if_version(p, f"writer {i}".encode(), v0)
             wins.append(i)
         except sio.PreconditionFailed:
             losses.append(i)
@@ -94,7 +96,7 @@ def test_concurrent_compare_and_swap_has_one_winner(base):
     for t in threads:
         t.join()
     assert len(wins) == 1 and len(losses) == 7
-    assert sio.read_versioned(p)[0] == str(wins[0]).encode()
+    assert sio.read_versioned(p)[0] == f"writer {wins[0]}".encode()
 
 
 def test_gcs_conditional_writes_are_refused_with_a_reason():
