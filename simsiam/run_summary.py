@@ -1,10 +1,10 @@
 """``run_summary.png``: one picture of a pretraining run, drawn from its ``results.json``.
 
 Per epoch: the loss; the collapse std of the l2-normalised projections against 1/sqrt(d) (what a
-non-collapsed, roughly isotropic output has; the paper's Figure 2 middle panel); the effective rank
-against the collapse guard's threshold; kNN accuracy, with the final linear top-1 and, when results.json
-has them, the random-init and raw-pixel baselines as reference lines; the learning rate. The last
-panel states the outcome in words.
+non-collapsed, roughly isotropic output has; the paper's Figure 2 middle panel); the effective rank;
+both against the collapse guard's thresholds the run was judged by; kNN accuracy, with the final linear
+top-1 and, when results.json has them, the random-init and raw-pixel baselines as reference lines; the
+learning rate. The last panel states the outcome in words.
 """
 from __future__ import annotations
 
@@ -78,20 +78,23 @@ def plot_run_summary(results: Mapping[str, Any], path: str | os.PathLike) -> str
         ax.grid(alpha=0.3)
 
     line(ax_loss, "loss", "loss (-cos; -1 is the minimum)")
+    verdict = None
+    if dim and batch:
+        try:  # the thresholds the run was judged by, from its own config (run.final_collapse)
+            verdict = final_collapse(history, C.from_dict(cfg))
+        except C.ConfigError:  # a results.json from another version: the picture without those lines
+            verdict = None
     line(ax_std, "collapse_std", "collapse std of l2-normalised z")
     if dim:
         ax_std.axhline(1 / math.sqrt(dim), color="gray", ls="--", label=f"1/sqrt(d), d={dim}")
+        if verdict is not None:
+            ax_std.axhline(verdict.std.threshold, color="red", ls="--", label="collapse threshold")
         ax_std.axhline(0, color="red", lw=0.8, ls=":", label="collapsed")
         ax_std.legend(fontsize=8)
     line(ax_rank, "effective_rank", "effective rank (RankMe)")
-    if dim and batch:
-        try:  # the threshold the run was judged by, from its own config (run.final_collapse)
-            verdict = final_collapse(history, C.from_dict(cfg))
-        except C.ConfigError:  # a results.json from another version: the picture without the line
-            verdict = None
-        if verdict is not None:
-            ax_rank.axhline(verdict.rank.threshold, color="red", ls="--", label="collapse threshold")
-            ax_rank.legend(fontsize=8)
+    if verdict is not None:
+        ax_rank.axhline(verdict.rank.threshold, color="red", ls="--", label="collapse threshold")
+        ax_rank.legend(fontsize=8)
     line(ax_knn, "knn_top1", "kNN top-1 (%) per epoch", label="kNN (this run)")
     if results.get("linear_top1") is not None and history:
         ax_knn.axhline(results["linear_top1"], color="C2", ls="-", lw=1, label="linear top-1 (final)")
