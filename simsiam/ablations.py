@@ -290,7 +290,7 @@ def markdown(agg: Sequence[Mapping[str, Any]], per_seed: Sequence[Mapping[str, A
     """ablations.md: one table per study in the paper's shape, then every run."""
     from simsiam.metrics import healthy_std, rank_threshold
 
-    d, batch = base.model.dim, base.optim.batch_size // base.train.num_workers
+    d, g = base.model.dim, base.train.collapse_guard
     guard = ("on (a run under a threshold for its window of steps stops early)" if guard_on
              else "off (collapse is shown, not stopped)")
     lines = [
@@ -301,8 +301,8 @@ def markdown(agg: Sequence[Mapping[str, Any]], per_seed: Sequence[Mapping[str, A
         f"{guard}. Linear top-1 is mean +- std over "
         "seeds; collapse std (of l2-normalised z, healthy ~ 1/sqrt(d) = "
         f"{healthy_std(d):.4f}) and effective rank are the last epoch's means. A run counts as collapsed when "
-        f"either is under the collapse guard's thresholds (std < {base.train.collapse_guard.std_ratio:g}/sqrt(d), "
-        f"rank < {rank_threshold(base.train.collapse_guard, batch, d)[1]}, the rank measured on the first "
+        f"either is under the collapse guard's thresholds (std < {g.std_ratio:g}/sqrt(d), "
+        f"rank < {rank_threshold(g, base.per_worker_batch, d)[1]}, the rank measured on the first "
         "rows of each batch); each is shown beside its threshold "
         "with value / threshold (under 1.00x is collapsed). The trend column is the least-squares change "
         "per epoch over the last third of the run (at least 3 epochs), marked `falling` when it is at least "
@@ -354,7 +354,13 @@ def plot_curves(grid: Grid, records: Mapping[tuple[str, int], Any], seeds: Seque
     import matplotlib.pyplot as plt
 
     from simsiam.io import atomic_write_bytes
-    from simsiam.metrics import rank_threshold
+    from simsiam.metrics import CollapseGuard
+
+    def thresholds(overrides: Mapping[str, Any]) -> tuple[float, float]:
+        cfg = base.replace(dict(overrides)) if overrides else base
+        return CollapseGuard(cfg.train.collapse_guard, cfg.model.dim).thresholds(cfg.per_worker_batch)
+
+    ref_thr = thresholds({}) if base is not None else None
 
     studies = list(dict.fromkeys(r.study for r in grid.rows))
     metrics = (("collapse_std", "collapse std (l2-normalised z)"), ("effective_rank", "effective rank"),
@@ -362,12 +368,8 @@ def plot_curves(grid: Grid, records: Mapping[tuple[str, int], Any], seeds: Seque
     fig, axes = plt.subplots(len(studies), 3, figsize=(15, 3.6 * len(studies)), squeeze=False)
     for i, name in enumerate(studies):
         rows = [r for r in grid.rows if r.study == name]
-        # The thresholds depend on d, and on the batch only under rank_rows: where the variants change
-        # them, no single line fits.
-        ref = base is not None and not any(
-            "model.dim" in grid.runs.get(r.key, {})
-            or int(grid.runs.get(r.key, {}).get("optim.batch_size", base.optim.batch_size)) // base.train.num_workers
-            < base.train.collapse_guard.rank_rows for r in rows)
+        # One reference line per panel only where every variant is judged by the base's thresholds.
+        ref = ref_thr is not None and all(thresholds(grid.runs.get(r.key, {})) == ref_thr for r in rows)
         for j, (key, title) in enumerate(metrics):
             ax = axes[i][j]
             for c, row in enumerate(rows):
@@ -380,13 +382,11 @@ def plot_curves(grid: Grid, records: Mapping[tuple[str, int], Any], seeds: Seque
                         ax.plot(xs, ys, color=color, marker="o", ms=3, lw=1.2,
                                 label=row.label if k == 0 else None, alpha=0.9 if k == 0 else 0.6)
             if ref and key != "knn_top1":
-                g = base.train.collapse_guard
-                d, batch = base.model.dim, base.optim.batch_size // base.train.num_workers
+                std_thr, rank_thr = ref_thr
                 if key == "collapse_std":
-                    ax.axhline(1 / math.sqrt(d), color="grey", ls=":", lw=1, label="healthy 1/sqrt(d)")
-                    ax.axhline(g.std_ratio / math.sqrt(d), color="red", ls="--", lw=1, label="collapse threshold")
-                else:
-                    ax.axhline(rank_threshold(g, batch, d)[0], color="red", ls="--", lw=1, label="collapse threshold")
+                    ax.axhline(1 / math.sqrt(base.model.dim), color="grey", ls=":", lw=1, label="healthy 1/sqrt(d)")
+                ax.axhline(std_thr if key == "collapse_std" else rank_thr, color="red", ls="--", lw=1,
+                           label="collapse threshold")
             ax.set_title(f"{STUDIES[name].title}: {title}", fontsize=9)
             ax.set_xlabel("training step")
             ax.grid(alpha=0.3)

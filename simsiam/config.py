@@ -216,6 +216,11 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def per_worker_batch(self) -> int:
+        """The batch each worker steps on (and measures the collapse metrics on) at ``train.num_workers``."""
+        return self.optim.batch_size // self.train.num_workers
+
     def replace(self, overrides: Mapping[str, Any]) -> Config:
         """A validated copy with dotted-name overrides applied (values already typed or YAML strings)."""
         d = self.to_dict()

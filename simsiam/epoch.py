@@ -88,7 +88,7 @@ class EpochTrainer:
                  tb: Any | None = None):
         self.model, self.net, self.cfg, self.device = model, ckpt_io.unwrap(model), cfg, device
         self.rank, self.world, self.tb = rank, world, tb
-        self.per_worker_batch = cfg.optim.batch_size // cfg.train.num_workers
+        self.per_worker_batch = cfg.per_worker_batch
         self.global_batch = self.per_worker_batch * world
         self.init_lr = scaled_lr(cfg.optim.base_lr, self.global_batch)
         self.optimizer = build_optimizer(self.net, cfg.optim, self.global_batch)

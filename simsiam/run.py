@@ -187,7 +187,7 @@ def final_collapse(history: Sequence[EpochRecord | Mapping[str, Any]], cfg: Conf
     from simsiam.metrics import collapse_verdict
 
     rows = [r.to_dict() if isinstance(r, EpochRecord) else dict(r) for r in history]
-    return collapse_verdict(rows, cfg.model.dim, cfg.optim.batch_size // cfg.train.num_workers,
+    return collapse_verdict(rows, cfg.model.dim, cfg.per_worker_batch,
                             cfg.train.collapse_guard)
 
 

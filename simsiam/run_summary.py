@@ -8,6 +8,7 @@ learning rate. The last panel states the outcome in words.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping
@@ -78,12 +79,10 @@ def plot_run_summary(results: Mapping[str, Any], path: str | os.PathLike) -> str
         ax.grid(alpha=0.3)
 
     line(ax_loss, "loss", "loss (-cos; -1 is the minimum)")
-    verdict = None
+    verdict = None  # the thresholds the run was judged by, from its own config (run.final_collapse)
     if dim and batch:
-        try:  # the thresholds the run was judged by, from its own config (run.final_collapse)
+        with contextlib.suppress(C.ConfigError):  # a results.json from another version: no threshold lines
             verdict = final_collapse(history, C.from_dict(cfg))
-        except C.ConfigError:  # a results.json from another version: the picture without those lines
-            verdict = None
     line(ax_std, "collapse_std", "collapse std of l2-normalised z")
     if dim:
         ax_std.axhline(1 / math.sqrt(dim), color="gray", ls="--", label=f"1/sqrt(d), d={dim}")
