@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+from optuna.exceptions import UpdateFinishedTrialError
 from ray.tune import Callback
 from ray.tune.search.optuna import OptunaSearch
 
@@ -32,7 +33,10 @@ class LinkedOptunaSearch(OptunaSearch):
       when a trial is asked for or ends, after kNN reports at most once per Tune snapshot period
       (:func:`simsiam.search.publish_journal`; the driver publishes it at the end), and a searcher
       restored from a Tune snapshot reopens the journal at the path in ``$SIMSIAM_STUDY_JOURNAL`` (the resuming driver's
-      local copy), not at the path pickled on the machine that took the snapshot.
+      local copy), not at the path pickled on the machine that took the snapshot;
+    * a trial the study already has the end of is left as it is: a driver killed after telling Optuna
+      how a trial ended but before Tune saved this searcher resumes with that trial still open here,
+      and Tune runs it to its end again (its reports and its end are then no-ops, not a failed search).
     """
 
     # Class-level defaults: a searcher pickled by an older version (as simsiam.search's
@@ -93,7 +97,10 @@ class LinkedOptunaSearch(OptunaSearch):
         if ot is None or knn is None or epoch is None or (trial_id, int(epoch)) in reported:
             return
         reported.add((trial_id, int(epoch)))
-        ot.report(knn, int(epoch))
+        try:
+            ot.report(knn, int(epoch))
+        except UpdateFinishedTrialError:  # told before this searcher was restored (class docstring)
+            return
         self._publish(force=False)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -105,8 +112,11 @@ class LinkedOptunaSearch(OptunaSearch):
                 status, reason = "failed", "the trial raised an error: see trials.csv and <tune_trial_dir>/error.txt"
             else:
                 status, reason = S.classify(result or {}, None, self.epochs)
-            ot.set_user_attr("status", status)
-            ot.set_user_attr("reason", reason[:1000])
+            try:
+                ot.set_user_attr("status", status)
+                ot.set_user_attr("reason", reason[:1000])
+            except UpdateFinishedTrialError:  # told before this searcher was restored (class docstring)
+                pass
         super().on_trial_complete(trial_id, result=result, error=error)
         self._publish()
 

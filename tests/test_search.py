@@ -106,6 +106,28 @@ def test_journal_copy_follows_trials_at_once_and_knn_reports_per_snapshot_period
     assert trial.intermediate_values == {1: 50.0, 2: 60.0} and trial.value == 70.0
 
 
+def test_a_searcher_restored_from_before_a_trial_was_told_leaves_its_outcome(tmp_path, monkeypatch):
+    """A driver killed after telling Optuna how a trial ended, but before Tune saved the searcher: the
+    resumed searcher still holds that trial open, and Tune runs it to its end again. Its reports and
+    its end must leave the study's outcome as it was, not fail the search (UpdateFinishedTrialError)."""
+    space = S.parse_space({"params": {"optim.base_lr": {"distribution": "loguniform", "low": 0.01, "high": 0.5}}})
+    (tmp_path / "exp").mkdir()
+    searcher = S.make_searcher(space, tmp_path / "exp", seed=0, epochs=2)
+    searcher.suggest("t1")
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune's snapshot, taken while t1 ran
+    final = {S.ASHA_METRIC: 60.0, S.TIME_ATTR: 2, S.OBJECTIVE: 70.0, "status": "finished"}
+    searcher.on_trial_complete("t1", final)  # then the driver told Optuna, and was killed
+
+    monkeypatch.setenv(S.JOURNAL_ENV, searcher.journal_path)
+    resumed = S.make_searcher(space, tmp_path / "exp", seed=0, epochs=2)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.on_trial_result("t1", {S.ASHA_METRIC: 55.0, S.TIME_ATTR: 2})
+    resumed.on_trial_complete("t1", {**final, S.OBJECTIVE: 65.0})
+    trial = S.load_study(tmp_path / "exp").trials[0]
+    assert trial.state.name == "COMPLETE" and trial.value == 70.0
+    assert trial.intermediate_values == {2: 60.0} and trial.user_attrs["status"] == "finished"
+
+
 def test_table_csv_and_console(tmp_path):
     recs = [S.record_from_result("a", _final(50.0), {"optim.base_lr": 0.05}, None, 1),
             S.record_from_result("b", {"epoch": 1, "knn_top1": 10.0}, {"optim.base_lr": 3.0}, None, 2)]
